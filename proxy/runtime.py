@@ -1,0 +1,198 @@
+"""The sidecar process: load keys, warm the pools, listen, drain on SIGTERM.
+
+This is the I/O shell around the pure core: it reads the key store in a worker thread,
+builds one ``ServiceRuntime`` per service, opens the upstream pools, and starts the
+listener only when keys are loaded and pools are warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keycache.errors import KeyCacheError
+from keycache.filestore import KeyFile, load_kek_file
+from keycache.ring import KeyRing, build_ring
+from proxy.config import Config, FileStoreConfig
+from proxy.errors import ConfigError, ProxyError
+from proxy.logs import EventLog
+from proxy.server import ClientConnection, Router
+from proxy.service import KeySet, ServiceRuntime
+from proxy.upstream import UpstreamPool
+
+DRAIN_TIMEOUT_S = 5.0  # how long SIGTERM waits for in-flight requests
+
+
+class StartupError(ProxyError):
+    code = "startup_failed"
+
+
+def open_key_file(cfg: FileStoreConfig, environ: Mapping[str, str]) -> KeyFile:
+    """Open the encrypted key file named by the config. Blocking: call in a thread."""
+    if cfg.kek_file is not None:
+        return KeyFile(cfg.path, kek=load_kek_file(cfg.kek_file))
+    assert cfg.passphrase_env is not None
+    passphrase = environ.get(cfg.passphrase_env)
+    if not passphrase:
+        raise ConfigError(
+            "keystore.file.passphrase_env", f"environment variable {cfg.passphrase_env} is empty"
+        )
+    return KeyFile(cfg.path, passphrase=passphrase.encode())
+
+
+def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dict[str, KeyRing]:
+    """Read every configured service's keys into fresh locked memory. Blocking."""
+    if config.keystore.backend != "file":
+        raise ConfigError("keystore.backend", "the vault backend is not available in this version")
+    assert config.keystore.file is not None
+    keyfile = open_key_file(config.keystore.file, environ)
+    try:
+        stored = keyfile.load()
+    finally:
+        keyfile.close()
+    overlap = timedelta(hours=config.api_key_policy.global_settings.rotation_overlap_hours)
+    rings: dict[str, KeyRing] = {}
+    try:
+        for name in config.services:
+            versions = stored.get(name)
+            if not versions:
+                raise StartupError(f"service {name} has no key in {config.keystore.file.path}")
+            rings[name] = build_ring(
+                name,
+                versions,
+                now=now,
+                overlap=overlap,
+                require_lock=config.memory.require_memory_lock,
+            )
+    except BaseException:
+        for ring in rings.values():
+            ring.retire()
+        raise
+    return rings
+
+
+def build_services(config: Config, rings: Mapping[str, KeyRing]) -> dict[str, ServiceRuntime]:
+    services = {}
+    for name, svc in config.services.items():
+        runtime = ServiceRuntime(svc, None)
+        runtime.keys = KeySet(rings[name], runtime.venue, svc) if name in rings else None
+        services[name] = runtime
+    return services
+
+
+class Sidecar:
+    """One running sidecar. ``run`` returns when it has drained after SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        environ: Mapping[str, str] | None = None,
+        log: EventLog | None = None,
+        ready: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.environ = environ if environ is not None else os.environ
+        self.log = log or EventLog()
+        self.ready_cb = ready or _print_ready
+        self.services: dict[str, ServiceRuntime] = {}
+        self.rings: dict[str, KeyRing] = {}
+        self.stopping: asyncio.Event | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.log("starting", pid=os.getpid(), services=sorted(self.config.services))
+        now = datetime.now(UTC)
+        try:
+            self.rings = await asyncio.to_thread(load_rings, self.config, self.environ, now)
+        except KeyCacheError as exc:
+            raise StartupError(f"{exc.code}: {exc}") from exc
+        for name, ring in self.rings.items():
+            self.log(
+                "keys_loaded",
+                service=name,
+                key_ids=list(ring.key_ids()),
+                memory_locked=ring.buffer.locked,
+            )
+            if not ring.buffer.locked:
+                self.log("memory_not_locked", service=name, level="warning")
+        self.services = build_services(self.config, self.rings)
+        pools = []
+        for svc in self.services.values():
+            pool = UpstreamPool(svc.config, loop, on_event=self.log)
+            svc.pool = pool
+            pools.append(pool)
+        await asyncio.gather(*(p.start() for p in pools))
+        for pool in pools:
+            self.log("upstream_warm", service=pool.service.name, connections=pool.size)
+
+        router = Router(self.services, max_body=self.config.listen.max_body_bytes)
+        listen = self.config.listen
+        if listen.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listen.unix_path)
+            server = await loop.create_unix_server(
+                lambda: ClientConnection(router), listen.unix_path, backlog=1024
+            )
+            os.chmod(listen.unix_path, 0o660)
+            bound: dict[str, Any] = {"address": listen.address}
+        else:
+            server = await loop.create_server(
+                lambda: ClientConnection(router),
+                listen.address,
+                listen.port,
+                backlog=1024,
+                reuse_address=True,
+            )
+            host, port = server.sockets[0].getsockname()[:2]
+            bound = {"address": host, "port": port}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.log("ready", listen=bound)
+        self.ready_cb({"event": "ready", "listen": bound})
+        try:
+            await self.stopping.wait()
+        finally:
+            self.log("draining")
+            server.close()
+            await _wait_drained(pools, DRAIN_TIMEOUT_S)
+            for pool in pools:
+                await pool.close()
+            for ring in self.rings.values():
+                ring.retire()
+            self.log("stopped")
+
+
+async def _wait_drained(pools: list[UpstreamPool], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and any(p.busy or p.waiters for p in pools):
+        await asyncio.sleep(0.01)
+
+
+def _print_ready(info: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The hot path's loop: uvloop (the only module that imports it)."""
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+def run_sidecar(config: Config, *, environ: Mapping[str, str] | None = None) -> None:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(Sidecar(config, environ=environ).run())
+    finally:
+        loop.close()

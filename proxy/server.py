@@ -1,0 +1,265 @@
+"""The engine-facing listener: HTTP/1.1 on asyncio Protocols with the httptools parser.
+
+One ``ClientConnection`` per engine connection. Requests are parsed as bytes arrive,
+queued in order (pipelining), and handled one at a time per connection so responses go
+back in request order. Each request is routed, signed, and handed to the service's
+upstream pool; the answer comes back by callback. Every local failure becomes the JSON
+error contract, and the listener goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+import httptools
+
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    ProxyError,
+    UnknownRoute,
+)
+from proxy.http11 import build_response, error_response
+from proxy.service import ServiceRuntime, split_target
+from proxy.upstream import Exchange, UpstreamPool
+
+MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
+MAX_HEADER_BYTES = 32 * 1024  # same reason; nginx's default large_client_header_buffers
+MAX_PIPELINED = 64  # requests queued per connection before we stop reading from it
+
+
+class _Request:
+    __slots__ = ("body", "headers", "keep_alive", "method", "url")
+
+    def __init__(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+class _LocalError:
+    """A parse-level failure queued in order; the connection closes after answering it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
+
+
+class Router:
+    """Maps a route (``/binance``) to its service. Built once; swapped whole on reload."""
+
+    __slots__ = ("clock", "max_body", "routes")
+
+    def __init__(
+        self,
+        services: Mapping[str, ServiceRuntime],
+        *,
+        max_body: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.routes: dict[bytes, ServiceRuntime] = {s.route: s for s in services.values()}
+        self.max_body = max_body
+        self.clock = clock
+
+
+class ClientConnection(asyncio.Protocol):
+    """One engine connection. All methods run on the loop and never block."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: deque[_Request | _LocalError] = deque()
+        self.current: _Request | None = None
+        self.processing = False
+        self.reading = True
+        self.broken = False  # a framing error: ignore further bytes, close after answering
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadRequest("protocol upgrades are not supported"))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, ProxyError) else BadRequest("malformed HTTP"))
+        except httptools.HttpParserError:
+            self._fail(BadRequest("malformed HTTP request"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pending.clear()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise HeadersTooLarge("request line and headers are too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+            raise HeadersTooLarge("request line and headers are too large")
+
+    def on_headers_complete(self) -> None:
+        for name, value in self._headers:
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise BadRequest("invalid Content-Length") from None
+                if declared > self.router.max_body:
+                    raise BodyTooLarge(f"body larger than {self.router.max_body} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.router.max_body:
+            raise BodyTooLarge(f"body larger than {self.router.max_body} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        req = _Request(
+            self.parser.get_method(),
+            self._url,
+            self._headers,
+            body,
+            self.parser.should_keep_alive(),
+        )
+        self.pending.append(req)
+        if len(self.pending) >= MAX_PIPELINED and self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+        if not self.processing and self.current is None:
+            self._process()
+
+    # request handling
+    def _fail(self, error: ProxyError) -> None:
+        self.broken = True
+        self.pending.append(_LocalError(error))
+        if self.current is None and not self.processing:
+            self._process()
+
+    def _process(self) -> None:
+        self.processing = True
+        try:
+            while self.current is None and self.pending and self.transport is not None:
+                item = self.pending.popleft()
+                if isinstance(item, _LocalError):
+                    self._write_error(item.error, keep_alive=False)
+                    continue
+                self.current = item
+                self._dispatch(item)
+            if not self.reading and len(self.pending) < MAX_PIPELINED // 2 and self.transport:
+                self.reading = True
+                self.transport.resume_reading()
+        finally:
+            self.processing = False
+
+    def _dispatch(self, req: _Request) -> None:
+        router = self.router
+        try:
+            parts = split_target(req.url)
+            if parts is None:
+                raise BadRequest("request target must be an absolute path")
+            route, path, query = parts
+            service = router.routes.get(route)
+            if service is None:
+                raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
+            data = service.prepare(
+                req.method, path, query, req.headers, req.body, router.clock()
+            )
+        except ProxyError as exc:
+            self._finish_local(exc)
+            return
+        pool = service.pool
+        assert isinstance(pool, UpstreamPool)
+        pool.submit(Exchange(self, data, req.method))
+
+    # ResponseSink
+    def upstream_response(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        req = self.current
+        if req is None or self.transport is None:
+            return
+        self.current = None
+        self.transport.write(
+            build_response(
+                status, reason, headers, body, keep_alive=req.keep_alive, head=req.method == b"HEAD"
+            )
+        )
+        self._after(req)
+
+    def upstream_failed(self, error: ProxyError) -> None:
+        self._finish_local(error)
+
+    def _finish_local(self, error: ProxyError) -> None:
+        req = self.current
+        if req is None or self.transport is None:
+            return
+        self.current = None
+        self._write_error(error, keep_alive=req.keep_alive)
+        self._after(req)
+
+    def _after(self, req: _Request) -> None:
+        if not req.keep_alive:
+            self._close()
+        elif not self.processing:
+            self._process()
+
+    def _write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(
+            error_response(error.status, error.code, error.message, keep_alive=keep_alive)
+        )
+        if not keep_alive:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        self.pending.clear()

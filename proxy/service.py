@@ -1,0 +1,129 @@
+"""A service at run time: its compiled config, its signers and its upstream pool.
+
+``ServiceRuntime.prepare`` is the pure heart of the hot path: from the engine's request
+pieces to the exact bytes sent to the venue. ``authproxy sign`` calls the same function.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from keycache.ring import KeyRing, LiveKey
+from proxy.config import ServiceConfig
+from proxy.errors import BadRequest, NoUsableKey
+from proxy.http11 import build_request, forwardable_headers, normalize_target_part
+from proxy.signers import VENUES, KeySigner, Venue
+
+_FAR_FUTURE = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """A live key's signer and the epoch seconds between which it may sign."""
+
+    signer: KeySigner
+    version: int
+    activates: float
+    expires: float
+
+
+class KeySet:
+    """The signers of one service's live keys, built once per key ring.
+
+    A rotation builds a new KeySet and swaps one reference. ``signer_for`` is O(1) in the
+    common case: the choice is cached until the next activation or expiry boundary.
+    """
+
+    __slots__ = ("_cached", "_until", "ring", "slots")
+
+    def __init__(self, ring: KeyRing, venue: Venue, service: ServiceConfig) -> None:
+        self.ring = ring
+        self.slots: tuple[_Slot, ...] = tuple(
+            _Slot(
+                venue.signer(key, service),
+                key.version,
+                key.meta.activates_at.timestamp() if key.meta.activates_at else 0.0,
+                key.meta.expires_at.timestamp(),
+            )
+            for key in ring.keys
+        )
+        self._cached: _Slot | None = None
+        self._until = -1.0
+
+    def signer_for(self, now: float) -> KeySigner:
+        """The newest key whose activation has passed and that has not expired."""
+        if now < self._until and self._cached is not None:
+            return self._cached.signer
+        chosen: _Slot | None = None
+        for slot in reversed(self.slots):
+            if slot.activates <= now < slot.expires:
+                chosen = slot
+                break
+        if chosen is None:
+            self._cached, self._until = None, -1.0
+            raise NoUsableKey("no live key for this service (expired, revoked or not active yet)")
+        boundaries = [s.activates for s in self.slots if s.activates > now]
+        self._cached = chosen
+        self._until = min([chosen.expires, *boundaries])
+        return chosen.signer
+
+    def live_keys(self) -> tuple[LiveKey, ...]:
+        return self.ring.keys
+
+
+class ServiceRuntime:
+    """Everything the hot path needs for one service, precomputed at start-up."""
+
+    __slots__ = ("config", "drop_headers", "host_line", "keys", "name", "pool", "route", "venue")
+
+    def __init__(self, config: ServiceConfig, keys: KeySet | None) -> None:
+        self.config = config
+        self.name = config.name
+        self.route = config.route.encode("ascii")
+        self.venue: Venue = VENUES[config.venue]
+        self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
+        self.drop_headers = self.venue.credential_headers
+        self.keys = keys
+        self.pool: object | None = None  # the UpstreamPool, attached by the runtime
+
+    def prepare(
+        self,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        now: float | None = None,
+    ) -> bytes:
+        """The exact request bytes to send to the venue. Raises BadRequest, NoUsableKey.
+
+        ``path`` is the venue path (the route prefix removed), ``query`` the raw query.
+        """
+        if now is None:
+            now = time.time()
+        norm_path = normalize_target_part(path)
+        norm_query = normalize_target_part(query)
+        if norm_path is None or norm_query is None:
+            raise BadRequest("control characters or spaces in the request target")
+        if self.keys is None:
+            raise NoUsableKey(f"no key loaded for service {self.name}")
+        signer = self.keys.signer_for(now)
+        target, credentials, body = signer.sign(
+            method, norm_path, norm_query, body, int(now * 1000)
+        )
+        fwd = forwardable_headers(headers, self.drop_headers)
+        return build_request(method, target, self.host_line, fwd, credentials, body)
+
+
+def split_target(url: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """``/route/rest?query`` → (``/route``, ``/rest``, ``query``); None if not origin-form."""
+    if not url.startswith(b"/"):
+        return None
+    path, _, query = url.partition(b"?")
+    query = query.partition(b"#")[0]
+    cut = path.find(b"/", 1)
+    if cut < 0:
+        return path, b"/", query
+    return path[:cut], path[cut:], query

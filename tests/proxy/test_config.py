@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import parse_config
+from proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_SEED = REPO.parent / "shared" / "seed" / "api-key-management-hft.txt"
+
+BASE = """\
+listen:   {address: 127.0.0.1, port: 8080}
+admin:    {address: 127.0.0.1, port: 9901}
+keystore:
+  backend: file
+  file: {path: keys.enc, kek_file: kek.key}
+  vault:
+    address: https://vault.hft-system.local:8200
+    mount_path: secret
+    path_prefix: api_keys
+    tls_verify: true
+    tls_ca_cert: /etc/pki/ca-trust/vault-ca.crt
+    auth: {method: token, token_file: /run/secrets/vault-token}
+    poll_interval_ms: 1000
+services:
+  binance_spot_trading:
+    venue: binance
+    key_type: exchange_api
+    upstream: https://api.binance.com
+    route: /binance
+    ca_file: null
+    timeout_ms: 2000
+"""
+
+
+def test_design_example_with_seed_policy_verbatim(seed_policy_yaml: str) -> None:
+    cfg = parse_config(BASE + seed_policy_yaml, source=Path("/etc/authproxy/authproxy.yaml"))
+    svc = cfg.services["binance_spot_trading"]
+    assert svc.upstream_host == "api.binance.com" and svc.upstream_port == 443
+    assert svc.host_header == "api.binance.com"
+    assert cfg.keystore.file is not None
+    assert cfg.keystore.file.path == Path("/etc/authproxy/keys.enc")
+    policy = cfg.api_key_policy
+    assert policy.global_settings.rotation_overlap_hours == 24
+    assert policy.key_types["exchange_api"].rate_limits.requests_per_minute == 5000
+    assert policy.key_types["internal_service"].rate_limits.requests_per_minute is None
+    assert policy.key_types["broker_api"].permissions == (
+        "read_positions",
+        "read_executions",
+        "submit_orders",
+    )
+    assert policy.rotation.schedule == "0 2 * * 0"
+    assert policy.audit.syslog_facility == "LOCAL5"
+    assert policy.storage["hsm_config"]["type"] == "thales"
+
+
+def test_fixture_is_the_seed_block_verbatim(seed_policy_yaml: str) -> None:
+    """The fixture and the demo's copy are byte-for-byte the seed's block."""
+    assert (REPO / "proxy" / "seed_policy.yaml").read_text() == seed_policy_yaml
+    if SHARED_SEED.exists():  # beside a checkout; not on an end user's machine
+        text = SHARED_SEED.read_text()
+        assert seed_policy_yaml in text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "reason"),
+    [
+        (lambda c: c["services"]["binance_spot_trading"].update(upstream="http://x"),
+         "services.binance_spot_trading.upstream", "must be an https URL"),
+        (lambda c: c["services"]["binance_spot_trading"].update(venue="nasdaq"),
+         "services.binance_spot_trading.venue", "must be one of"),
+        (lambda c: c["services"]["binance_spot_trading"].update(key_type="master"),
+         "services.binance_spot_trading.key_type", "must be one of api_key_policy.key_types"),
+        (lambda c: c["services"]["binance_spot_trading"].update(route="/a/b"),
+         "services.binance_spot_trading.route", "one path segment"),
+        (lambda c: c["services"]["binance_spot_trading"].update(timeout_ms=0),
+         "services.binance_spot_trading.timeout_ms", "must be between"),
+        (lambda c: c["services"]["binance_spot_trading"].update(secret_key="x"),
+         "services.binance_spot_trading.secret_key", "unknown field"),
+        (lambda c: c["listen"].update(port=70000), "listen.port", "must be between"),
+        (lambda c: c["admin"].update(address="0.0.0.0"), "admin.address", "loopback only"),
+        (lambda c: c["keystore"].update(backend="s3"), "keystore.backend", "must be file or vault"),
+        (lambda c: c["keystore"]["file"].update(passphrase_env="P"), "keystore.file",
+         "exactly one of"),
+        (lambda c: c["api_key_policy"]["key_types"]["exchange_api"].pop("validity_days"),
+         "api_key_policy.key_types.exchange_api.validity_days", "is required"),
+        (lambda c: c.pop("services"), "services", "is required"),
+    ],
+)
+def test_invalid_field_is_named(seed_policy_yaml: str, mutate, path: str, reason: str) -> None:
+    raw = yaml.safe_load(BASE + seed_policy_yaml)
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
+def test_duplicate_keys_refused(seed_policy_yaml: str) -> None:
+    text = BASE.replace("    timeout_ms: 2000\n", "    timeout_ms: 2000\n    timeout_ms: 10\n")
+    with pytest.raises(ConfigError, match="duplicate key 'timeout_ms'"):
+        parse_config(text + seed_policy_yaml)
+
+
+def test_duplicate_route_refused(seed_policy_yaml: str) -> None:
+    raw = yaml.safe_load(BASE + seed_policy_yaml)
+    raw["services"]["other"] = dict(raw["services"]["binance_spot_trading"])
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == "services.other.route"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_config_cli(tmp_path: Path, seed_policy_yaml: str) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(BASE + seed_policy_yaml)
+    out = _cli("check-config", str(good))
+    assert out.returncode == 0, out.stderr
+    effective = json.loads(out.stdout)
+    assert effective["services"]["binance_spot_trading"]["recv_window_ms"] == 5000
+    assert effective["keystore"]["file"]["kek_file"] == str(tmp_path / "kek.key")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("https://api.binance.com", "ftp://api.binance.com")
+                   + seed_policy_yaml)
+    out = _cli("check-config", str(bad))
+    assert out.returncode == 2
+    assert "services.binance_spot_trading.upstream: must be an https URL" in out.stderr
