@@ -170,9 +170,7 @@ def _sign(args: argparse.Namespace) -> int:
     if not versions:
         raise ProxyError(f"service {args.service} has no key", code="no_usable_key")
     overlap = timedelta(hours=config.api_key_policy.global_settings.rotation_overlap_hours)
-    ring = build_ring(
-        args.service, versions, now=datetime.fromtimestamp(now, UTC), overlap=overlap
-    )
+    ring = build_ring(args.service, versions, now=datetime.fromtimestamp(now, UTC), overlap=overlap)
     try:
         service = build_services(config, {args.service: ring})[args.service]
         url: str = args.url

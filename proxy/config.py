@@ -189,7 +189,8 @@ class Config:
         """
         data = asdict(self)
         data.pop("source", None)
-        return _plain(data)
+        plain: dict[str, Any] = _plain(data)
+        return plain
 
 
 def _plain(value: Any) -> Any:
@@ -224,7 +225,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
@@ -528,15 +529,23 @@ class _Validator:
             ca_file=self.opt(m, "ca_file", path, self.existing_file, None),
             timeout_ms=self.opt(m, "timeout_ms", path, self.ranged(1, 600_000), DEFAULT_TIMEOUT_MS),
             recv_window_ms=self.opt(
-                m, "recv_window_ms", path, self.ranged(1, MAX_RECV_WINDOW_MS), DEFAULT_RECV_WINDOW_MS
+                m,
+                "recv_window_ms",
+                path,
+                self.ranged(1, MAX_RECV_WINDOW_MS),
+                DEFAULT_RECV_WINDOW_MS,
             ),
-            pool_size=self.opt(m, "pool_size", path, self.ranged(1, MAX_POOL_SIZE), DEFAULT_POOL_SIZE),
+            pool_size=self.opt(
+                m, "pool_size", path, self.ranged(1, MAX_POOL_SIZE), DEFAULT_POOL_SIZE
+            ),
         )
 
     # the seed's api_key_policy block
     def policy(self, value: Any, path: str) -> ApiKeyPolicy:
         path = "api_key_policy"
-        m = self.mapping(value, path, {"global_settings", "key_types", "storage", "rotation", "audit"})
+        m = self.mapping(
+            value, path, {"global_settings", "key_types", "storage", "rotation", "audit"}
+        )
         key_types_raw = self.req(m, "key_types", path, self.mapping)
         if not key_types_raw:
             raise ConfigError(_join(path, "key_types"), "at least one key type is required")
@@ -554,7 +563,12 @@ class _Validator:
         m = self.mapping(
             value,
             path,
-            {"default_validity_days", "rotation_overlap_hours", "minimum_key_length", "hash_algorithm"},
+            {
+                "default_validity_days",
+                "rotation_overlap_hours",
+                "minimum_key_length",
+                "hash_algorithm",
+            },
         )
         return GlobalSettings(
             default_validity_days=self.opt(m, "default_validity_days", path, self.ranged(1), 90),
@@ -569,17 +583,22 @@ class _Validator:
             path,
             {"validity_days", "rotation_required", "auto_rotate", "permissions", "rate_limits"},
         )
-        rl = self.opt(m, "rate_limits", path, self.mapping, {})
-        self.mapping(rl, _join(path, "rate_limits"), {"requests_per_second", "requests_per_minute"})
         rl_path = _join(path, "rate_limits")
+        rl: dict[str, Any] = self.mapping(
+            m.get("rate_limits") or {}, rl_path, {"requests_per_second", "requests_per_minute"}
+        )
         return KeyTypePolicy(
             validity_days=self.req(m, "validity_days", path, self.ranged(1)),
             rotation_required=self.opt(m, "rotation_required", path, self.boolean, True),
             auto_rotate=self.opt(m, "auto_rotate", path, self.boolean, False),
             permissions=self.opt(m, "permissions", path, self.string_list, ()),
             rate_limits=RateLimits(
-                requests_per_second=self.opt(rl, "requests_per_second", rl_path, self.ranged(1), None),
-                requests_per_minute=self.opt(rl, "requests_per_minute", rl_path, self.ranged(1), None),
+                requests_per_second=self.opt(
+                    rl, "requests_per_second", rl_path, self.ranged(1), None
+                ),
+                requests_per_minute=self.opt(
+                    rl, "requests_per_minute", rl_path, self.ranged(1), None
+                ),
             ),
         )
 
@@ -587,13 +606,22 @@ class _Validator:
         m = self.mapping(
             value,
             path,
-            {"schedule", "notification_email", "pre_rotation_warning_days", "emergency_rotation_enabled"},
+            {
+                "schedule",
+                "notification_email",
+                "pre_rotation_warning_days",
+                "emergency_rotation_enabled",
+            },
         )
         return RotationPolicy(
             schedule=self.opt(m, "schedule", path, self.string, None),
             notification_email=self.opt(m, "notification_email", path, self.string, None),
-            pre_rotation_warning_days=self.opt(m, "pre_rotation_warning_days", path, self.ranged(0), 7),
-            emergency_rotation_enabled=self.opt(m, "emergency_rotation_enabled", path, self.boolean, True),
+            pre_rotation_warning_days=self.opt(
+                m, "pre_rotation_warning_days", path, self.ranged(0), 7
+            ),
+            emergency_rotation_enabled=self.opt(
+                m, "emergency_rotation_enabled", path, self.boolean, True
+            ),
         )
 
     def audit(self, value: Any, path: str) -> AuditPolicy:

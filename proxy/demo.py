@@ -49,8 +49,9 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
     hmac_secret = secrets.token_urlsafe(48)
     kid = test_key_id()
     out["binance_hmac"] = (
-        make_record(kid, hmac_secret, created_at=created, expires_at=expires,
-                    permissions=PERMISSIONS),
+        make_record(
+            kid, hmac_secret, created_at=created, expires_at=expires, permissions=PERMISSIONS
+        ),
         {"api_key": kid, "algorithm": "hmac-sha256", "secret": hmac_secret},
     )
     for name, algorithm, private in (
@@ -62,59 +63,100 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ).decode()
-        public = private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        public = (
+            private.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
         kid = test_key_id()
         out[name] = (
-            make_record(kid, pem, algorithm=algorithm, created_at=created, expires_at=expires,
-                        permissions=PERMISSIONS),
+            make_record(
+                kid,
+                pem,
+                algorithm=algorithm,
+                created_at=created,
+                expires_at=expires,
+                permissions=PERMISSIONS,
+            ),
             {"api_key": kid, "algorithm": algorithm, "public_key": public},
         )
     out["binance_unregistered"] = (
-        make_record(test_key_id(), secrets.token_urlsafe(48), created_at=created,
-                    expires_at=expires, permissions=PERMISSIONS),
+        make_record(
+            test_key_id(),
+            secrets.token_urlsafe(48),
+            created_at=created,
+            expires_at=expires,
+            permissions=PERMISSIONS,
+        ),
         None,
     )
     return out
 
 
-def write_demo_setup(run_dir: Path, upstream_port: int, ca_file: str,
-                     keys: dict[str, tuple[dict[str, object], dict[str, str] | None]]) -> Path:
-    """Write the KEK, the encrypted key file and the sidecar config; return the config path."""
+def write_key_file(run_dir: Path, records: dict[str, dict[str, object]]) -> tuple[Path, Path]:
+    """Write a fresh KEK and an encrypted key file holding ``records`` (service → record)."""
     kek_path = run_dir / "kek.key"
+    keys_path = run_dir / "keys.enc"
     KeyFile.create_kek_file(kek_path)
-    keyfile = KeyFile(run_dir / "keys.enc", kek=load_kek_file(kek_path))
+    keyfile = KeyFile(keys_path, kek=load_kek_file(kek_path))
     try:
-        for service, (record, _) in keys.items():
+        for service, record in records.items():
             keyfile.add_version(service, record)
     finally:
         keyfile.close()
+    return keys_path, kek_path
+
+
+def sidecar_config(
+    keys_path: Path, kek_path: Path, services: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """A sidecar config (as data) on the file store, with the seed's policy block."""
     config: dict[str, Any] = {
         "listen": {"address": "127.0.0.1", "port": 0},
         "admin": {"address": "127.0.0.1", "port": 0},
-        "keystore": {"backend": "file",
-                     "file": {"path": str(run_dir / "keys.enc"), "kek_file": str(kek_path)}},
-        "services": {
-            service: {
-                "venue": "binance",
-                "key_type": "exchange_api",
-                "upstream": f"https://127.0.0.1:{upstream_port}",
-                "route": "/" + service.removeprefix("binance_"),
-                "ca_file": ca_file,
-                "timeout_ms": 2000,
-            }
-            for service in keys
+        "keystore": {
+            "backend": "file",
+            "file": {"path": str(keys_path), "kek_file": str(kek_path)},
         },
+        "services": services,
     }
     config.update(yaml.safe_load(SEED_POLICY_FILE.read_text(encoding="utf-8")))
+    return config
+
+
+def binance_service(upstream_port: int, ca_file: str, route: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "venue": "binance",
+        "key_type": "exchange_api",
+        "upstream": f"https://127.0.0.1:{upstream_port}",
+        "route": route,
+        "ca_file": ca_file,
+        "timeout_ms": 2000,
+        **extra,
+    }
+
+
+def write_demo_setup(
+    run_dir: Path,
+    upstream_port: int,
+    ca_file: str,
+    keys: dict[str, tuple[dict[str, object], dict[str, str] | None]],
+) -> Path:
+    """Write the KEK, the encrypted key file and the sidecar config; return the config path."""
+    keys_path, kek_path = write_key_file(run_dir, {s: r for s, (r, _) in keys.items()})
+    services = {
+        s: binance_service(upstream_port, ca_file, "/" + s.removeprefix("binance_")) for s in keys
+    }
     path = run_dir / "authproxy.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(sidecar_config(keys_path, kek_path, services), sort_keys=False))
     return path
 
 
-async def _stream_orders(port: int, routes: list[str], orders: int, connections: int,
-                         deadline_s: float) -> tuple[Counter[tuple[str, str]], list[float]]:
+async def _stream_orders(
+    port: int, routes: list[str], orders: int, connections: int, deadline_s: float
+) -> tuple[Counter[tuple[str, str]], list[float]]:
     import aiohttp
 
     results: Counter[tuple[str, str]] = Counter()
@@ -127,9 +169,11 @@ async def _stream_orders(port: int, routes: list[str], orders: int, connections:
             if time.monotonic() > stop_at:
                 return
             route = routes[n % len(routes)]
-            url = (f"http://127.0.0.1:{port}{route}/api/v3/order?symbol=BTCUSDT&side=BUY"
-                   f"&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000"
-                   f"&newClientOrderId=demo-{n}")
+            url = (
+                f"http://127.0.0.1:{port}{route}/api/v3/order?symbol=BTCUSDT&side=BUY"
+                f"&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000"
+                f"&newClientOrderId=demo-{n}"
+            )
             t0 = time.perf_counter()
             async with session.post(url) as resp:
                 body = await resp.read()
@@ -179,22 +223,31 @@ def run_demo(*, orders: int = 2000, connections: int = 4, deadline_s: float = 12
             _stream_orders(port, routes, orders, connections, deadline_s)
         )
         elapsed = time.monotonic() - t0
-        print(f"\n{sum(results.values())} unsigned orders sent through the sidecar "
-              f"in {elapsed:.1f} s over {connections} connections:")
+        print(
+            f"\n{sum(results.values())} unsigned orders sent through the sidecar "
+            f"in {elapsed:.1f} s over {connections} connections:"
+        )
         for (route, outcome), count in sorted(results.items()):
             print(f"  {route:<16} {outcome:<18} {count:>6}")
         lat = sorted(latencies)
-        print("round trip engine→sidecar→venue simulator→engine (client-side, µs): "
-              + "  ".join(f"{label}={_pct(lat, q) * 1e6:.0f}" for label, q in
-                          (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))))
+        print(
+            "round trip engine→sidecar→venue simulator→engine (client-side, µs): "
+            + "  ".join(
+                f"{label}={_pct(lat, q) * 1e6:.0f}"
+                for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
+            )
+        )
         expected_rejects = sum(c for (r, o), c in results.items() if r == "/unregistered")
         ok = all(o == "accepted" for (r, o), _ in results.items() if r != "/unregistered")
         ok = ok and expected_rejects == sum(
             c for (r, o), c in results.items() if r == "/unregistered" and o == "rejected -2015"
         )
-        print("\nthe three registered keys (HMAC, Ed25519, RSA) are accepted; the key the venue "
-              "does not know is rejected with Binance's -2015." if ok else
-              "\nUNEXPECTED outcomes above: see the logs in the run directory.")
+        print(
+            "\nthe three registered keys (HMAC, Ed25519, RSA) are accepted; the key the venue "
+            "does not know is rejected with Binance's -2015."
+            if ok
+            else "\nUNEXPECTED outcomes above: see the logs in the run directory."
+        )
         return 0 if ok else 1
     finally:
         for proc in reversed(procs):

@@ -59,15 +59,15 @@ def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
-def forwardable_headers(
-    headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]
-) -> bytes:
+def forwardable_headers(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
     """Encode the end-to-end headers of a message, minus ``drop`` (lowercase names).
 
     Hop-by-hop headers, the ones named in ``Connection`` and the sidecar's own are always
     dropped. Returns ``b"Name: value\\r\\n"`` lines, in the order received.
     """
-    extra = connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
+    extra = (
+        connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
+    )
     out = []
     for name, value in headers:
         lname = name.lower()

@@ -23,8 +23,13 @@ READY_TIMEOUT_S = 30.0
 class Proc:
     """A child process that printed one JSON ``{"event": "ready", ...}`` line on stdout."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None,
-                 stderr_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stderr_path: Path | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.stderr_path = stderr_path
         self._stderr = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
@@ -87,8 +92,16 @@ class Proc:
 
 
 def simulator_argv(keys_file: Path, state_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "proxy.simulator", "--keys", str(keys_file),
-            "--state-dir", str(state_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "proxy.simulator",
+        "--keys",
+        str(keys_file),
+        "--state-dir",
+        str(state_dir),
+        *extra,
+    ]
 
 
 def sidecar_argv(config: Path) -> list[str]:

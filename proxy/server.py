@@ -15,6 +15,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import httptools
 
@@ -90,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.processing = False
         self.reading = True
         self.broken = False  # a framing error: ignore further bytes, close after answering
+        self.eof = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -98,8 +100,8 @@ class ClientConnection(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -117,6 +119,13 @@ class ClientConnection(asyncio.Protocol):
             self._fail(cause if isinstance(cause, ProxyError) else BadRequest("malformed HTTP"))
         except httptools.HttpParserError:
             self._fail(BadRequest("malformed HTTP request"))
+
+    def eof_received(self) -> bool | None:
+        # The engine half-closed: answer what it already sent, then close.
+        self.eof = True
+        if self.current is None and not self.pending:
+            return None  # nothing owed: let the transport close
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -191,7 +200,9 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 self.current = item
                 self._dispatch(item)
-            if not self.reading and len(self.pending) < MAX_PIPELINED // 2 and self.transport:
+            if self.eof and self.current is None and not self.pending:
+                self._close()
+            elif not self.reading and len(self.pending) < MAX_PIPELINED // 2 and self.transport:
                 self.reading = True
                 self.transport.resume_reading()
         finally:
@@ -207,9 +218,7 @@ class ClientConnection(asyncio.Protocol):
             service = router.routes.get(route)
             if service is None:
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
-            data = service.prepare(
-                req.method, path, query, req.headers, req.body, router.clock()
-            )
+            data = service.prepare(req.method, path, query, req.headers, req.body, router.clock())
         except ProxyError as exc:
             self._finish_local(exc)
             return

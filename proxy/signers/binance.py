@@ -64,8 +64,10 @@ class _BinanceSigner:
     ) -> tuple[bytes, bytes, bytes]:
         query = strip_params(query, _CREDENTIAL_PARAMS)
         body = strip_params(body, _CREDENTIAL_PARAMS)
-        window = b"" if has_param(query, b"recvWindow") or has_param(body, b"recvWindow") else (
-            self._recv_window
+        window = (
+            b""
+            if has_param(query, b"recvWindow") or has_param(body, b"recvWindow")
+            else (self._recv_window)
         )
         params = b"%stimestamp=%d" % (window, now_ms)
         if body:

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,10 +149,15 @@ def test_non_ascii_is_percent_encoded_and_controls_refused() -> None:
 def test_unsupported_algorithm_is_refused() -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()
-    ).decode()
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
     with pytest.raises(SigningError, match="binance keys are"):
         runtime_with(record("ec", pem, "es256"))
 

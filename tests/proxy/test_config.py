@@ -71,25 +71,49 @@ def test_fixture_is_the_seed_block_verbatim(seed_policy_yaml: str) -> None:
 @pytest.mark.parametrize(
     ("mutate", "path", "reason"),
     [
-        (lambda c: c["services"]["binance_spot_trading"].update(upstream="http://x"),
-         "services.binance_spot_trading.upstream", "must be an https URL"),
-        (lambda c: c["services"]["binance_spot_trading"].update(venue="nasdaq"),
-         "services.binance_spot_trading.venue", "must be one of"),
-        (lambda c: c["services"]["binance_spot_trading"].update(key_type="master"),
-         "services.binance_spot_trading.key_type", "must be one of api_key_policy.key_types"),
-        (lambda c: c["services"]["binance_spot_trading"].update(route="/a/b"),
-         "services.binance_spot_trading.route", "one path segment"),
-        (lambda c: c["services"]["binance_spot_trading"].update(timeout_ms=0),
-         "services.binance_spot_trading.timeout_ms", "must be between"),
-        (lambda c: c["services"]["binance_spot_trading"].update(secret_key="x"),
-         "services.binance_spot_trading.secret_key", "unknown field"),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(upstream="http://x"),
+            "services.binance_spot_trading.upstream",
+            "must be an https URL",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(venue="nasdaq"),
+            "services.binance_spot_trading.venue",
+            "must be one of",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(key_type="master"),
+            "services.binance_spot_trading.key_type",
+            "must be one of api_key_policy.key_types",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(route="/a/b"),
+            "services.binance_spot_trading.route",
+            "one path segment",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(timeout_ms=0),
+            "services.binance_spot_trading.timeout_ms",
+            "must be between",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(secret_key="x"),
+            "services.binance_spot_trading.secret_key",
+            "unknown field",
+        ),
         (lambda c: c["listen"].update(port=70000), "listen.port", "must be between"),
         (lambda c: c["admin"].update(address="0.0.0.0"), "admin.address", "loopback only"),
         (lambda c: c["keystore"].update(backend="s3"), "keystore.backend", "must be file or vault"),
-        (lambda c: c["keystore"]["file"].update(passphrase_env="P"), "keystore.file",
-         "exactly one of"),
-        (lambda c: c["api_key_policy"]["key_types"]["exchange_api"].pop("validity_days"),
-         "api_key_policy.key_types.exchange_api.validity_days", "is required"),
+        (
+            lambda c: c["keystore"]["file"].update(passphrase_env="P"),
+            "keystore.file",
+            "exactly one of",
+        ),
+        (
+            lambda c: c["api_key_policy"]["key_types"]["exchange_api"].pop("validity_days"),
+            "api_key_policy.key_types.exchange_api.validity_days",
+            "is required",
+        ),
         (lambda c: c.pop("services"), "services", "is required"),
     ],
 )
@@ -132,8 +156,9 @@ def test_check_config_cli(tmp_path: Path, seed_policy_yaml: str) -> None:
     assert effective["keystore"]["file"]["kek_file"] == str(tmp_path / "kek.key")
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(BASE.replace("https://api.binance.com", "ftp://api.binance.com")
-                   + seed_policy_yaml)
+    bad.write_text(
+        BASE.replace("https://api.binance.com", "ftp://api.binance.com") + seed_policy_yaml
+    )
     out = _cli("check-config", str(bad))
     assert out.returncode == 2
     assert "services.binance_spot_trading.upstream: must be an https URL" in out.stderr

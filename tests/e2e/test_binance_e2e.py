@@ -1,0 +1,155 @@
+"""The real sidecar signs, the real simulator verifies over TLS, as Binance would."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.e2e.conftest import Sidecars, Venue
+
+pytestmark = pytest.mark.e2e
+
+ORDER = "/api/v3/order?symbol=BTCUSDT&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000"
+
+
+async def _post(port: int, route: str, path: str = ORDER, **kw: Any) -> tuple[int, Any, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}{route}{path}", **kw) as resp,
+    ):
+        body = await resp.read()
+        return resp.status, resp.headers, json.loads(body) if body else None
+
+
+@pytest.mark.parametrize("route", ["/hmac", "/ed25519", "/rsa"])
+async def test_orders_signed_with_each_key_type_are_accepted(
+    sidecars: Sidecars, route: str
+) -> None:
+    sc = sidecars.start()
+    port = sc.ready["listen"]["port"]
+    for n in range(3):
+        status, _, body = await _post(port, route, ORDER + f"&newClientOrderId=e2e-{route[1:]}-{n}")
+        assert status == 200, body
+        assert body["clientOrderId"] == f"e2e-{route[1:]}-{n}"
+        assert body["status"] == "NEW"
+
+
+async def test_key_unknown_to_the_venue_is_rejected_with_2015(sidecars: Sidecars) -> None:
+    sc = sidecars.start()
+    status, headers, body = await _post(sc.ready["listen"]["port"], "/unregistered")
+    assert status == 401
+    assert body == {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
+    assert "X-Authproxy-Error" not in headers  # the venue's own answer, passed through
+
+
+async def test_form_body_is_signed_and_accepted(sidecars: Sidecars) -> None:
+    sc = sidecars.start()
+    status, _, body = await _post(
+        sc.ready["listen"]["port"],
+        "/hmac",
+        "/api/v3/order?symbol=BTCUSDT&side=SELL",
+        data="type=LIMIT&timeInForce=GTC&quantity=0.5&price=31000",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 200, body
+    assert body["side"] == "SELL"
+
+
+def _sign_cli(config: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "sign", "--config", config, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _send_to_venue(venue: Venue, req: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        req["url"],
+        data=req["body"].encode() or None,
+        method=req["method"],
+        headers={k: v for k, v in req["headers"] if k.lower() != "host"},
+    )
+    try:
+        with urllib.request.urlopen(request, context=venue.ssl_context(), timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_sign_dry_run_tampered_body_and_stale_timestamp(sidecars: Sidecars, venue: Venue) -> None:
+    sc = sidecars.start()
+    config = sc.argv[-1]
+    args = [
+        "--service",
+        "binance_hmac",
+        "--method",
+        "POST",
+        "--url",
+        "/api/v3/order?symbol=BTCUSDT&side=BUY",
+        "--body",
+        "type=LIMIT&timeInForce=GTC&quantity=1&price=100",
+    ]
+    req = _sign_cli(config, *args)
+    assert req["url"].startswith(f"https://127.0.0.1:{venue.port}/api/v3/order?symbol=BTCUSDT")
+    assert "signature=" in req["body"]
+    status, body = _send_to_venue(venue, req)
+    assert status == 200, body
+
+    tampered = dict(req, body=req["body"].replace("quantity=1", "quantity=9"))
+    status, body = _send_to_venue(venue, tampered)
+    assert (status, body["code"]) == (400, -1022)
+
+    stale = _sign_cli(config, *args, "--timestamp", str(int(time.time() * 1000) - 60_000))
+    status, body = _send_to_venue(venue, stale)
+    assert (status, body["code"]) == (400, -1021)
+
+
+def test_stale_clock_through_the_sidecar_is_rejected_with_1021(
+    sidecars: Sidecars, venue: Venue, tmp_path: Any
+) -> None:
+    """A venue whose clock runs 30 s ahead sees the sidecar's timestamps as stale."""
+    from proxy.procs import Proc, simulator_argv
+
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"binance": [v for _, v in venue.keys.values() if v]}))
+    ahead = Proc(
+        simulator_argv(keys_file, tmp_path / "ahead", "--clock-offset-ms", "30000"),
+        stderr_path=tmp_path / "ahead.log",
+    )
+    try:
+        from proxy.demo import binance_service
+
+        sc = sidecars.start(
+            {"binance_hmac": binance_service(ahead.ready["port"], ahead.ready["ca_file"], "/hmac")}
+        )
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"http://127.0.0.1:{sc.ready['listen']['port']}/hmac{ORDER}", method="POST"
+            ),
+            timeout=10,
+        ) as resp:
+            raise AssertionError(f"accepted: {resp.status}")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400
+        assert json.loads(err.read())["code"] == -1021
+    finally:
+        assert ahead.stop() == 0
+
+
+def test_https_only_to_verified_venue(venue: Venue) -> None:
+    """The simulator's certificate does not verify without its CA: verification is real."""
+    with pytest.raises(urllib.error.URLError) as info:
+        urllib.request.urlopen(f"https://127.0.0.1:{venue.port}/api/v3/ping", timeout=5)
+    assert isinstance(info.value.reason, ssl.SSLCertVerificationError)
