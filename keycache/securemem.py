@@ -1,0 +1,312 @@
+"""Locked, dump-excluded memory for secret bytes.
+
+One :class:`SecureBuffer` is one anonymous private ``mmap`` region, ``mlock``-ed (so the
+kernel never writes it to swap) and advised ``MADV_DONTDUMP`` (so a core dump leaves it
+out). Secrets are copied in once and handed out as *read-only* memoryviews; ``wipe()``
+zeroes the region, unlocks it, releases every view it handed out and unmaps it.
+
+Limits of what Python allows, stated once: the ``str``/``bytes`` objects a secret passed
+through before it got here (JSON text, the decrypted key file) cannot be wiped; this
+module only guarantees that the copy that lives for the lifetime of a key is locked,
+excluded from dumps and zeroed on retirement. ``store_text`` avoids the usual temporary
+``bytes`` copy for ASCII text.
+
+Not thread-safe: the owner (a key ring) fills the buffer before publishing it and wipes it
+after it can no longer be reached by readers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from typing import Final
+
+from keycache.errors import MemoryLockError
+
+__all__ = [
+    "PAGE_SIZE",
+    "SecureBuffer",
+    "make_process_non_dumpable",
+    "utf8_len",
+    "wipe_bytearray",
+]
+
+#: mlock/munlock work on whole pages; the region is sized in pages so no other data shares
+#: a locked page and so ``size`` matches what ``/proc/<pid>/maps`` shows.
+PAGE_SIZE: Final[int] = mmap.PAGESIZE
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    """Return libc with errno capture, or None where it cannot be loaded (then memory
+    works unlocked, exactly as if ``mlock`` had failed)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        for name in ("mlock", "munlock"):
+            fn = getattr(libc, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_int
+        if hasattr(libc, "prctl"):
+            libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+            libc.prctl.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+#: <linux/prctl.h>: PR_SET_DUMPABLE takes 0 (no core dumps, no ptrace attach by non-root,
+#: /proc/<pid>/mem and friends owned by root).
+PR_SET_DUMPABLE: Final = 4
+
+
+def make_process_non_dumpable() -> bool:
+    """Mark the whole process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``): no core dump is
+    written and other non-root processes of the same user cannot ptrace it or read its
+    memory. Return True on success, False where unsupported (the caller logs that).
+
+    Call once at start-up, before secrets are loaded; it is inherited across fork and
+    reset by exec. Not called on import: tests and tools decide for themselves.
+    """
+    if _LIBC is None:
+        return False
+    try:
+        return int(_LIBC.prctl(PR_SET_DUMPABLE, 0)) == 0
+    except AttributeError:
+        return False
+
+
+def wipe_bytearray(b: bytearray) -> None:
+    """Overwrite ``b`` with zeros in place (same length, no reallocation).
+
+    Use it on every temporary mutable copy of a secret once it is no longer needed.
+    """
+    n = len(b)
+    if n:
+        # Equal-length slice assignment is an in-place memcpy; the buffer is not moved.
+        b[:] = bytes(n)
+
+
+def utf8_len(text: str) -> int:
+    """Return the length of ``text`` encoded as UTF-8, without encoding ASCII text (which
+    would leave an unwipeable ``bytes`` copy of a secret on the heap)."""
+    if text.isascii():
+        return len(text)
+    tmp = bytearray(text, "utf-8")
+    n = len(tmp)
+    wipe_bytearray(tmp)
+    return n
+
+
+class SecureBuffer:
+    """One locked, dump-excluded memory region that hands out read-only views.
+
+    ``SecureBuffer(size, require_lock=False)`` maps at least ``size`` bytes (rounded up to
+    whole pages). If ``mlock`` fails (``RLIMIT_MEMLOCK``, no ``CAP_IPC_LOCK``):
+    ``require_lock=True`` raises :class:`MemoryLockError`; otherwise the buffer works
+    unlocked and ``locked`` is False (the caller logs that; keycache does not log).
+    ``dump_excluded`` says whether ``MADV_DONTDUMP`` took effect.
+
+    Views returned by :meth:`store` are valid until :meth:`wipe`, which releases them; a
+    view that the holder sliced further (``view[a:b]``) keeps the mapping alive, but the
+    bytes it shows are zero after ``wipe``.
+
+    Not for use on multiple threads at once; none of the methods block.
+    """
+
+    __slots__ = (
+        "_address",
+        "_closed",
+        "_dump_excluded",
+        "_locked",
+        "_mm",
+        "_size",
+        "_unreleased",
+        "_used",
+        "_views",
+        "_wiped",
+    )
+
+    def __init__(self, size: int, *, require_lock: bool = False) -> None:
+        if size <= 0:
+            raise ValueError(f"SecureBuffer size must be positive, got {size}")
+        rounded = -(-size // PAGE_SIZE) * PAGE_SIZE
+        # Private + anonymous: no file backs it, and a fork() does not share it writable.
+        mm = mmap.mmap(
+            -1,
+            rounded,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        anchor = ctypes.c_char.from_buffer(mm)
+        address = ctypes.addressof(anchor)
+        # The ctypes object holds a buffer export on the mmap; drop it at once or close()
+        # would later fail with "exported pointers exist".
+        del anchor
+
+        self._mm = mm
+        self._address = address
+        self._size = rounded
+        self._used = 0
+        self._views: list[memoryview] = []
+        self._wiped = False
+        self._closed = False
+        self._unreleased = 0
+        self._dump_excluded = self._advise_dontdump()
+        self._locked = self._mlock()
+        if require_lock and not self._locked:
+            err = ctypes.get_errno()
+            reason = os.strerror(err) if err else "mlock unavailable"
+            self._mm.close()
+            self._closed = True
+            self._wiped = True
+            raise MemoryLockError(
+                f"mlock of {rounded} bytes failed: {reason}; raise RLIMIT_MEMLOCK "
+                "(ulimit -l) or grant CAP_IPC_LOCK"
+            )
+
+    def _advise_dontdump(self) -> bool:
+        advice = getattr(mmap, "MADV_DONTDUMP", None)
+        if advice is None:
+            return False
+        try:
+            self._mm.madvise(advice)
+        except OSError:
+            return False
+        return True
+
+    def _mlock(self) -> bool:
+        if _LIBC is None:
+            return False
+        ctypes.set_errno(0)
+        return int(_LIBC.mlock(self._address, self._size)) == 0
+
+    @property
+    def address(self) -> int:
+        """Start address of the region (as in ``/proc/<pid>/maps``)."""
+        return self._address
+
+    @property
+    def size(self) -> int:
+        """Size of the region in bytes, a whole number of pages."""
+        return self._size
+
+    @property
+    def used(self) -> int:
+        """Bytes already handed out by :meth:`store`."""
+        return self._used
+
+    @property
+    def locked(self) -> bool:
+        """True while the region is ``mlock``-ed (False after :meth:`wipe`)."""
+        return self._locked
+
+    @property
+    def dump_excluded(self) -> bool:
+        """True if ``MADV_DONTDUMP`` was applied to the region."""
+        return self._dump_excluded
+
+    @property
+    def wiped(self) -> bool:
+        """True once :meth:`wipe` ran; the views handed out are then released."""
+        return self._wiped
+
+    @property
+    def unreleased_views(self) -> int:
+        """How many handed-out views :meth:`wipe` could not release (each was re-exported
+        by its holder); their bytes read as zero."""
+        return self._unreleased
+
+    def _reserve(self, n: int) -> int:
+        if self._wiped:
+            raise ValueError("SecureBuffer is wiped")
+        if n > self._size - self._used:
+            raise ValueError(
+                f"SecureBuffer full: {n} bytes requested, {self._size - self._used} free"
+            )
+        off = self._used
+        self._used += n
+        return off
+
+    def _view(self, off: int, n: int) -> memoryview:
+        with memoryview(self._mm) as whole:
+            view = whole[off : off + n].toreadonly()
+        self._views.append(view)
+        return view
+
+    def store(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """Copy ``data`` into the next free bytes; return a read-only view of exactly them.
+
+        Raises ValueError if the buffer is full or wiped (a sizing bug in the caller).
+        """
+        with memoryview(data) as src:
+            n = src.nbytes
+            off = self._reserve(n)
+            if n:
+                self._mm[off : off + n] = src
+        return self._view(off, n)
+
+    def store_text(self, text: str) -> memoryview:
+        """Copy ``text`` encoded as UTF-8 into the buffer; return a read-only view of it.
+
+        ASCII text (every HMAC secret and PEM we accept) is copied code point by code point,
+        so no temporary ``bytes`` copy of the secret is created; other text goes through a
+        bytearray that is wiped afterwards. Raises ValueError if full or wiped.
+        """
+        if not text.isascii():
+            tmp = bytearray(text, "utf-8")
+            try:
+                return self.store(tmp)
+            finally:
+                wipe_bytearray(tmp)
+        n = len(text)
+        off = self._reserve(n)
+        mm = self._mm
+        for i, ch in enumerate(text, start=off):
+            mm[i] = ord(ch)
+        return self._view(off, n)
+
+    def wipe(self) -> None:
+        """Zero the whole region, ``munlock`` it, release every view handed out and unmap
+        it. Idempotent; never raises.
+
+        If a holder re-exported a view (sliced it, or handed it to an object that keeps the
+        buffer), that view cannot be released and the mapping stays until it is garbage
+        collected; it is already zeroed and unlocked, so it holds nothing secret.
+        """
+        if self._wiped:
+            self._try_close()
+            return
+        self._wiped = True
+        # memset through the raw address: the mapping is still valid (not yet closed) and
+        # this writes in place, with no temporary zero buffer of the region's size.
+        ctypes.memset(self._address, 0, self._size)
+        if self._locked and _LIBC is not None:
+            _LIBC.munlock(self._address, self._size)
+        self._locked = False
+        for view in self._views:
+            try:
+                view.release()
+            except BufferError:
+                self._unreleased += 1
+        self._views.clear()
+        self._try_close()
+
+    def _try_close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._mm.close()
+        except BufferError:
+            # Live sub-views still reference the mapping; it is zeroed, so leaving it to
+            # the garbage collector is safe.
+            return
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (
+            f"SecureBuffer(size={self._size}, used={self._used}, locked={self._locked}, "
+            f"wiped={self._wiped})"
+        )
