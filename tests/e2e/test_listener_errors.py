@@ -135,9 +135,7 @@ def test_upstream_refused_is_502(sidecars: Sidecars, venue) -> None:
 def test_upstream_reset_is_502_then_serving(sidecar: Proc) -> None:
     port = sidecar.ready["listen"]["port"]
     (resp,) = parse_responses(
-        raw_exchange(
-            port, b"GET /hmac/__sim/reset HTTP/1.1\r\nHost: x\r\n\r\n"
-        )
+        raw_exchange(port, b"GET /hmac/__sim/reset HTTP/1.1\r\nHost: x\r\n\r\n")
     )
     assert_error(resp, 502, "upstream_unavailable")
     assert_still_serving(sidecar)
