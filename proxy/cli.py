@@ -156,6 +156,7 @@ def _keys_list(config: Config) -> int:
 def _sign(args: argparse.Namespace) -> int:
     from keycache.ring import build_ring
     from proxy.runtime import build_services
+    from proxy.service import encode_request_headers
 
     config = load_config(args.config)
     if args.service not in config.services:
@@ -184,7 +185,12 @@ def _sign(args: argparse.Namespace) -> int:
                 raise ConfigError("--header", "must be NAME:VALUE")
             headers.append((name.strip().encode(), value.strip().encode()))
         data = service.prepare(
-            args.method.upper().encode(), path, query, headers, args.body.encode(), now
+            args.method.upper().encode(),
+            path,
+            query,
+            encode_request_headers(headers),
+            args.body.encode(),
+            now,
         )
     finally:
         ring.retire()

@@ -8,6 +8,7 @@ import time.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
@@ -33,9 +34,8 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 # Headers an engine may send that only the sidecar itself is allowed to set.
 SIDECAR_HEADERS: frozenset[bytes] = frozenset({b"x-authproxy-error"})
 
-# Bytes that may never reach a venue inside a request target: controls, space, and what
-# would let a parameter break out of the request line or header block.
-_FORBIDDEN_TARGET_BYTES = bytes(range(0x21)) + b"\x7f"
+
+_RESPONSE_DROP = HOP_BY_HOP | SIDECAR_HEADERS
 
 _STATUS_LINES: dict[int, bytes] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus
@@ -59,22 +59,41 @@ def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
-def forwardable_headers(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
-    """Encode the end-to-end headers of a message, minus ``drop`` (lowercase names).
+def drop_set(extra: frozenset[bytes]) -> frozenset[bytes]:
+    """Everything a proxy never forwards, plus ``extra``: computed once, at start-up."""
+    return HOP_BY_HOP | SIDECAR_HEADERS | extra
 
-    Hop-by-hop headers, the ones named in ``Connection`` and the sidecar's own are always
-    dropped. Returns ``b"Name: value\\r\\n"`` lines, in the order received.
+
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b""})
+
+
+def forwardable_headers(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+    """Encode the end-to-end headers of a message, minus those in ``drop``.
+
+    ``drop`` comes from ``drop_set`` (lowercase names). Headers named in ``Connection``
+    are hop-by-hop for this message and dropped too. Returns ``b"Name: value\r\n"``
+    lines, in the order received.
     """
-    extra = (
-        connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else ()
-    )
     out = []
+    named = False
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in drop or lname in SIDECAR_HEADERS or lname in extra:
+        if lname in drop:
+            if lname == b"connection" and value.strip().lower() not in PLAIN_CONNECTION:
+                named = True
             continue
         out.append(b"%s: %s\r\n" % (name, value))
+    if named:
+        extra = connection_tokens(headers)
+        return b"".join(
+            b"%s: %s\r\n" % (n, v)
+            for n, v in headers
+            if (ln := n.lower()) not in drop and ln not in extra
+        )
     return b"".join(out)
+
+
+_BAD_TARGET_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 
 
 def normalize_target_part(part: bytes) -> bytes | None:
@@ -82,20 +101,13 @@ def normalize_target_part(part: bytes) -> bytes | None:
 
     Venues sign the percent-encoded form (Binance's published example signs
     ``symbol=%EF%BC%91...``), and a raw byte >= 0x80 is not valid in a request target.
+    Controls and spaces could split the request line or a header: refused.
     """
+    if _BAD_TARGET_BYTE.search(part) is not None:
+        return None
     if part.isascii():
-        if part.translate(None, _FORBIDDEN_TARGET_BYTES) != part:
-            return None
         return part
-    out = bytearray()
-    for b in part:
-        if b >= 0x80:
-            out += b"%%%02X" % b
-        elif b <= 0x20 or b == 0x7F:
-            return None
-        else:
-            out.append(b)
-    return bytes(out)
+    return b"".join(b"%%%02X" % b if b >= 0x80 else bytes((b,)) for b in part)
 
 
 def build_request(
@@ -136,7 +148,7 @@ def build_response(
     (and ``Connection: close`` when the engine's connection ends). A gzip body passes
     through untouched with its ``Content-Encoding``.
     """
-    fwd = forwardable_headers(headers, frozenset())
+    fwd = forwardable_headers(headers, _RESPONSE_DROP)
     if head:
         # A HEAD response keeps the venue's Content-Length: it describes the GET body.
         length = b"".join(

@@ -26,9 +26,9 @@ from proxy.errors import (
     ProxyError,
     UnknownRoute,
 )
-from proxy.http11 import build_response, error_response
-from proxy.service import ServiceRuntime, split_target
-from proxy.upstream import Exchange, UpstreamPool
+from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
+from proxy.service import REQUEST_DROP, ServiceRuntime, split_target
+from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
 MAX_HEADER_BYTES = 32 * 1024  # same reason; nginx's default large_client_header_buffers
@@ -42,7 +42,7 @@ class _Request:
         self,
         method: bytes,
         url: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: bytes,
         body: bytes,
         keep_alive: bool,
     ) -> None:
@@ -93,7 +93,9 @@ class ClientConnection(asyncio.Protocol):
         self.broken = False  # a framing error: ignore further bytes, close after answering
         self.eof = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[bytes] = []  # encoded lines to forward
+        self._n_headers = 0
+        self._named: set[bytes] | None = None  # extra hop-by-hop names from Connection
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
@@ -135,6 +137,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._n_headers = 0
+        self._named = None
         self._header_bytes = 0
         self._body = []
         self._body_len = 0
@@ -146,20 +150,26 @@ class ClientConnection(asyncio.Protocol):
             raise HeadersTooLarge("request line and headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        # Headers are filtered and encoded for the venue as they arrive: one pass, no
+        # second loop at dispatch time.
+        self._n_headers += 1
         self._header_bytes += len(name) + len(value)
-        if len(self._headers) > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
+        if self._n_headers > MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             raise HeadersTooLarge("request line and headers are too large")
-
-    def on_headers_complete(self) -> None:
-        for name, value in self._headers:
-            if name.lower() == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise BadRequest("invalid Content-Length") from None
-                if declared > self.router.max_body:
-                    raise BodyTooLarge(f"body larger than {self.router.max_body} bytes")
+        lname = name.lower()
+        if lname not in REQUEST_DROP:
+            self._headers.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                raise BadRequest("invalid Content-Length") from None
+            if declared > self.router.max_body:
+                raise BodyTooLarge(f"body larger than {self.router.max_body} bytes")
+        elif lname == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")} - PLAIN_CONNECTION
+            if tokens:
+                self._named = (self._named or set()) | tokens
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -169,10 +179,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        lines = self._headers
+        if self._named:
+            # Headers named in Connection are hop-by-hop for this message (RFC 9110 7.6.1).
+            named = self._named
+            lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in named]
         req = _Request(
             self.parser.get_method(),
             self._url,
-            self._headers,
+            b"".join(lines),
             body,
             self.parser.should_keep_alive(),
         )
@@ -227,18 +242,27 @@ class ClientConnection(asyncio.Protocol):
         pool.submit(Exchange(self, data, req.method))
 
     # ResponseSink
-    def upstream_response(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    def upstream_response(self, status: int, raw: bytes, passthrough: bool) -> None:
         req = self.current
-        if req is None or self.transport is None:
+        transport = self.transport
+        if req is None or transport is None:
             return
         self.current = None
-        self.transport.write(
-            build_response(
-                status, reason, headers, body, keep_alive=req.keep_alive, head=req.method == b"HEAD"
+        if passthrough and req.keep_alive and req.method != b"HEAD":
+            # The venue's bytes as received: no header is parsed or re-encoded.
+            transport.write(raw)
+        else:
+            parsed = ParsedResponse(raw)
+            transport.write(
+                build_response(
+                    parsed.status or status,
+                    parsed.reason,
+                    parsed.headers,
+                    parsed.body,
+                    keep_alive=req.keep_alive,
+                    head=req.method == b"HEAD",
+                )
             )
-        )
         self._after(req)
 
     def upstream_failed(self, error: ProxyError) -> None:

@@ -13,10 +13,17 @@ from dataclasses import dataclass
 from keycache.ring import KeyRing, LiveKey
 from proxy.config import ServiceConfig
 from proxy.errors import BadRequest, NoUsableKey
-from proxy.http11 import build_request, forwardable_headers, normalize_target_part
-from proxy.signers import VENUES, KeySigner, Venue
+from proxy.http11 import build_request, drop_set, forwardable_headers, normalize_target_part
+from proxy.signers import VENUES, KeySigner, SignerContext, Venue
 
-_FAR_FUTURE = float("inf")
+# Headers an engine may send that never reach a venue: hop-by-hop and framing headers,
+# the sidecar's own, and every venue's credential headers (the sidecar sets those).
+REQUEST_DROP = drop_set(frozenset().union(*(v.credential_headers for v in VENUES.values())))
+
+
+def encode_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A header list as the forwardable lines ``prepare`` takes (for the CLI and tests)."""
+    return forwardable_headers(headers, REQUEST_DROP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +45,18 @@ class KeySet:
 
     __slots__ = ("_cached", "_until", "ring", "slots")
 
-    def __init__(self, ring: KeyRing, venue: Venue, service: ServiceConfig) -> None:
+    def __init__(
+        self,
+        ring: KeyRing,
+        venue: Venue,
+        service: ServiceConfig,
+        context: SignerContext | None = None,
+    ) -> None:
         self.ring = ring
+        ctx = context or SignerContext()
         self.slots: tuple[_Slot, ...] = tuple(
             _Slot(
-                venue.signer(key, service),
+                venue.signer(key, service, ctx),
                 key.version,
                 key.meta.activates_at.timestamp() if key.meta.activates_at else 0.0,
                 key.meta.expires_at.timestamp(),
@@ -76,7 +90,7 @@ class KeySet:
 class ServiceRuntime:
     """Everything the hot path needs for one service, precomputed at start-up."""
 
-    __slots__ = ("config", "drop_headers", "host_line", "keys", "name", "pool", "route", "venue")
+    __slots__ = ("config", "host_line", "keys", "name", "pool", "route", "venue")
 
     def __init__(self, config: ServiceConfig, keys: KeySet | None) -> None:
         self.config = config
@@ -84,7 +98,6 @@ class ServiceRuntime:
         self.route = config.route.encode("ascii")
         self.venue: Venue = VENUES[config.venue]
         self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
-        self.drop_headers = self.venue.credential_headers
         self.keys = keys
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
 
@@ -93,13 +106,15 @@ class ServiceRuntime:
         method: bytes,
         path: bytes,
         query: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
+        headers: bytes,
         body: bytes,
         now: float | None = None,
     ) -> bytes:
         """The exact request bytes to send to the venue. Raises BadRequest, NoUsableKey.
 
-        ``path`` is the venue path (the route prefix removed), ``query`` the raw query.
+        ``path`` is the venue path (the route prefix removed), ``query`` the raw query,
+        ``headers`` the engine's end-to-end header lines, already filtered through
+        ``REQUEST_DROP`` (``encode_request_headers`` does that for a header list).
         """
         if now is None:
             now = time.time()
@@ -113,8 +128,7 @@ class ServiceRuntime:
         target, credentials, body = signer.sign(
             method, norm_path, norm_query, body, int(now * 1000)
         )
-        fwd = forwardable_headers(headers, self.drop_headers)
-        return build_request(method, target, self.host_line, fwd, credentials, body)
+        return build_request(method, target, self.host_line, headers, credentials, body)
 
 
 def split_target(url: bytes) -> tuple[bytes, bytes, bytes] | None:

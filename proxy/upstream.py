@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import ssl
 from collections import deque
@@ -25,15 +26,83 @@ from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 
 RECONNECT_BASE_S = 0.05  # first retry soon: a venue closing one idle connection is routine
 RECONNECT_MAX_S = 1.0  # cap: a venue back up is in use again within a second, yet never hammered
+SWEEP_INTERVAL_S = 0.01  # timeout resolution: a request times out within 10 ms of timeout_ms
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+# Response headers that make a venue's response unfit to forward byte for byte: framing
+# we must redo (chunked) and hop-by-hop headers a proxy must not pass on. One regex pass
+# over the head decides the common case; ``Connection: keep-alive`` alone is allowed,
+# since the engine's connection is keep-alive too.
+_HOP_HEADER = re.compile(
+    rb"\r\n(transfer-encoding|keep-alive|upgrade|proxy-[a-z-]*|trailer|te|x-authproxy-error"
+    rb"|connection)[ \t]*:[ \t]*([^\r]*)",
+    re.IGNORECASE,
+)
+
+
+def is_passthrough(raw: bytes, head_end: int) -> bool:
+    """Whether a response (head ends at ``head_end``) can go to a keep-alive HTTP/1.1
+    engine byte for byte."""
+    if not raw.startswith(b"HTTP/1.1 "):
+        return False
+    seen = 0
+    for m in _HOP_HEADER.finditer(raw, 0, head_end):
+        if m.group(1).lower() != b"connection" or m.group(2).strip().lower() != b"keep-alive":
+            return False
+        seen += 1
+    return seen <= 1
+
+
+class ParsedResponse:
+    """A response parsed in full, for the slow path: reason, headers, de-chunked body.
+
+    Interim 1xx responses before the final one are skipped.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self._parser = httptools.HttpResponseParser(self)
+        self._body: list[bytes] = []
+        self._done = False
+        with contextlib.suppress(httptools.HttpParserError):
+            self._parser.feed_data(raw)
+
+    def on_message_begin(self) -> None:
+        if not self._done:
+            self.reason, self.headers, self._body = b"", [], []
+
+    def on_status(self, reason: bytes) -> None:
+        if not self._done:
+            self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._done:
+            self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if not self._done and status >= 200:
+            self.status = status
+            self.body = b"".join(self._body)
+            self._done = True
 
 
 class ResponseSink(Protocol):
     """Where an exchange's outcome goes (the engine's connection). Called on the loop."""
 
-    def upstream_response(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None: ...
+    def upstream_response(self, status: int, raw: bytes, passthrough: bool) -> None:
+        """``raw``: the venue's response bytes as received (head and body, possibly
+        chunked). ``passthrough``: they form a keep-alive HTTP/1.1 message that may be
+        forwarded unchanged; otherwise parse them with ``ParsedResponse``."""
+        ...
 
     def upstream_failed(self, error: ProxyError) -> None: ...
 
@@ -41,7 +110,7 @@ class ResponseSink(Protocol):
 class Exchange:
     """One request on its way to the venue. Completes exactly once."""
 
-    __slots__ = ("conn", "data", "done", "head", "method", "retried", "sink", "timer")
+    __slots__ = ("conn", "data", "deadline", "done", "head", "method", "retried", "sink")
 
     def __init__(self, sink: ResponseSink, data: bytes, method: bytes) -> None:
         self.sink = sink
@@ -49,26 +118,20 @@ class Exchange:
         self.method = method
         self.head = method == b"HEAD"
         self.conn: UpstreamConnection | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time; set when first submitted
         self.done = False
         self.retried = False
 
-    def complete(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> None:
+    def complete(self, status: int, raw: bytes, passthrough: bool) -> None:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-        self.sink.upstream_response(status, reason, headers, body)
+        self.sink.upstream_response(status, raw, passthrough)
 
     def fail(self, error: ProxyError) -> None:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
         self.sink.upstream_failed(error)
 
     def on_timeout(self) -> None:
@@ -80,7 +143,12 @@ class Exchange:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive TLS connection; carries one exchange at a time."""
+    """One keep-alive TLS connection; carries one exchange at a time.
+
+    The response is kept as the raw bytes received; httptools only finds where it ends
+    (three callbacks a response), and the engine gets those bytes unchanged when they
+    are a plain keep-alive HTTP/1.1 message (see ``is_passthrough``).
+    """
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -88,10 +156,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.used = 0  # requests completed on this connection
-        self.got_bytes = False
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
+        self.raw: list[bytes] = []  # bytes of the response in progress
+        self.status = 0  # set when the final response is complete
+        self.interim = False  # a 1xx came first: the raw bytes need the slow path
+        self.keep_alive = False
+        self.extra = False  # bytes beyond the response: the connection cannot be reused
         self.closed = False
 
     # asyncio callbacks
@@ -104,19 +173,21 @@ class UpstreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if self.exchange is None:
+        ex = self.exchange
+        if ex is None:
             # Bytes nobody asked for: the framing can no longer be trusted.
             self.abort()
             return
-        self.got_bytes = True
+        self.raw.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            ex = self.exchange
             self.exchange = None
             self.abort()
-            if ex is not None:
-                ex.fail(UpstreamUnavailable("the venue sent a malformed HTTP response"))
+            ex.fail(UpstreamUnavailable("the venue sent a malformed HTTP response"))
+            return
+        if self.status:
+            self._deliver(ex)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -129,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None and not ex.done:
             if (
                 ex.conn is self
-                and not self.got_bytes
+                and not self.raw
                 and self.used
                 and not ex.retried
                 and (ex.method in _IDEMPOTENT)
@@ -143,42 +214,42 @@ class UpstreamConnection(asyncio.Protocol):
                 ex.fail(UpstreamUnavailable("the venue closed the connection"))
 
     # httptools callbacks
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    def on_message_begin(self) -> None:
+        if self.status:
+            self.extra = True  # a second message in one read: what we never asked for
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
         if ex is not None and ex.head:
             # httptools cannot be told the request was HEAD; a HEAD response has no body.
-            self._finish()
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+            self.on_message_complete()
 
     def on_message_complete(self) -> None:
-        if self.exchange is not None:
-            self._finish()
-
-    def _finish(self) -> None:
-        ex = self.exchange
-        assert ex is not None
+        if self.status:
+            return
         status = self.parser.get_status_code()
-        keep = self.parser.should_keep_alive() and not ex.head
-        headers, body, reason = self.headers, b"".join(self.body), self.reason
+        if status < 200:
+            self.interim = True  # a 1xx: the final response follows
+            return
+        # llhttp answers should_keep_alive only inside the callback, not after feed_data.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.status = status
+
+    def _deliver(self, ex: Exchange) -> None:
+        raw = self.raw[0] if len(self.raw) == 1 else b"".join(self.raw)
+        keep = self.keep_alive and not ex.head and not self.extra and not self.closed
+        passthrough = keep and not self.interim and is_passthrough(raw, raw.find(b"\r\n\r\n"))
+        status = self.status
+        self.raw = []
+        self.status = 0
+        self.interim = False
         self.exchange = None
-        self.headers, self.body, self.reason = [], [], b""
-        self.got_bytes = False
         self.used += 1
-        if ex.head:
-            self.parser = httptools.HttpResponseParser(self)
-        ex.complete(status, reason, headers, body)
-        if keep and not self.closed:
+        ex.complete(status, raw, passthrough)
+        if keep:
             self.pool.release(self)
         else:
-            self.abort() if ex.head else self.close()
+            self.abort()
 
     # used by the pool
     def send(self, ex: Exchange) -> None:
@@ -246,6 +317,7 @@ class UpstreamPool:
         self.down_reason = "the venue is unreachable"
         self._on_event = on_event
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def size(self) -> int:
@@ -257,6 +329,8 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._tasks):
             task.cancel()
         for conn in [*self.idle, *self.busy]:
@@ -267,8 +341,12 @@ class UpstreamPool:
 
     # hot path
     def submit(self, ex: Exchange) -> None:
-        if ex.timer is None:
-            ex.timer = self.loop.call_later(self.timeout_s, ex.on_timeout)
+        if not ex.deadline:
+            # No timer per request (a uvloop timer costs a libuv handle each): one sweep
+            # every SWEEP_INTERVAL_S checks the deadlines of what is in flight.
+            ex.deadline = self.loop.time() + self.timeout_s
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -302,6 +380,20 @@ class UpstreamPool:
             self.idle.remove(conn)
         if not self.closing and self.size + self.connecting < self.warm:
             self._spawn(self._connect(delay=True))
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in list(self.busy):
+            ex = conn.exchange
+            if ex is not None and ex.deadline <= now:
+                ex.on_timeout()
+        if self.waiters and self.waiters[0].deadline <= now:
+            for ex in [w for w in self.waiters if w.deadline <= now]:
+                self.waiters.remove(ex)
+                ex.fail(UpstreamTimeout("no connection to the venue became free in time"))
+        if (self.busy or self.waiters) and not self.closing:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL_S, self._sweep)
 
     # background
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

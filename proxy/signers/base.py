@@ -9,7 +9,12 @@ lives exactly as long as its key is live and is dropped with the key ring.
 from __future__ import annotations
 
 import base64
-from typing import Protocol
+import enum
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 from keycache.ring import LiveKey
 from proxy.config import ServiceConfig
@@ -35,20 +40,78 @@ class KeySigner(Protocol):
         ...
 
 
+class Rejection(enum.Enum):
+    """What a venue's refusal means, which decides what the sidecar may do about it.
+
+    Only ``KEY_REJECTED`` may be answered by re-signing with the other key of an overlap
+    pair; everything else goes back to the engine as the venue sent it.
+    """
+
+    KEY_REJECTED = "key_rejected"  # the venue does not accept this key (unknown, revoked)
+    BAD_SIGNATURE = "bad_signature"  # the key is known but the signature does not verify
+    CLOCK_OR_NONCE = "clock_or_nonce"  # timestamp outside the window, nonce not increasing
+    RATE_LIMITED = "rate_limited"  # slow down (429 and the venue's own codes)
+    BANNED = "banned"  # stop: IP or key banned for a while (Binance 418)
+    OTHER = "other"  # any other refusal (bad parameters, insufficient balance, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeEndpoint:
+    """The venue's public server-time endpoint, for measuring our clock's offset."""
+
+    path: bytes  # GET this path on the service's upstream
+    parse: Callable[[bytes], float]  # response body -> venue time, epoch milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class SignerContext:
+    """What a signer may need beyond its key: where to keep state across restarts."""
+
+    state_dir: Path | None = None  # e.g. Kraken's nonce high-water mark; None = in memory
+
+
 class Venue(Protocol):
     name: str
     # Lowercase header names only the sidecar may set: dropped from the engine's request.
     credential_headers: frozenset[bytes]
+    time_endpoint: TimeEndpoint | None
 
-    def signer(self, key: LiveKey, service: ServiceConfig) -> KeySigner:
+    def signer(self, key: LiveKey, service: ServiceConfig, context: SignerContext) -> KeySigner:
         """Build the signer for ``key``; SigningError if the venue cannot use its algorithm."""
         ...
+
+    def classify(self, status: int, body: bytes) -> Rejection | None:
+        """What a response means: None for a success, else the kind of refusal.
+
+        Table-driven from the venue's documented error bodies: the body decides first,
+        the HTTP status only when the body says nothing known. Pure and cheap: it runs on
+        the loop for every non-2xx answer.
+        """
+        ...
+
+
+def json_field(body: bytes, *path: str) -> Any:
+    """``body`` parsed as JSON, then indexed by ``path``; None when anything is missing."""
+    try:
+        value: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
 
 
 def strip_params(data: bytes, names: frozenset[bytes]) -> bytes:
     """Remove ``name=value`` pairs named in ``names`` from a form/query string."""
     if not data:
         return data
+    for name in names:
+        if name + b"=" in data:
+            break
+    else:
+        return data  # the common case: nothing to strip, decided in C
     parts = data.split(b"&")
     kept = [p for p in parts if p.partition(b"=")[0] not in names]
     return data if len(kept) == len(parts) else b"&".join(kept)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from proxy.config import ServiceConfig
 from proxy.errors import SigningError
-from proxy.service import KeySet, ServiceRuntime
+from proxy.service import KeySet, ServiceRuntime, encode_request_headers
 from proxy.signers import VENUES
 from tests.proxy.helpers import NOW, pem_of, random_hmac_secret, record, ring_of
 
@@ -58,7 +58,9 @@ def test_published_hmac_vectors(vectors: list[dict[str, Any]]) -> None:
         without_ts, _, ts = payload.rpartition("&timestamp=")
         # The engine sends the parameters (and a stale credential we must replace).
         query = unquote(without_ts).encode() + b"&signature=deadbeef&timestamp=1"
-        data = rt.prepare(b"POST", b"/api/v3/order", query, [], b"", int(ts) / 1000)
+        data = rt.prepare(
+            b"POST", b"/api/v3/order", query, encode_request_headers([]), b"", int(ts) / 1000
+        )
         _, target, headers, body = split(data)
         assert target == (
             b"/api/v3/order?" + payload.encode() + b"&signature=" + v["expected_signature"].encode()
@@ -83,7 +85,7 @@ def test_mixed_query_and_body_signature_goes_last_in_body() -> None:
         b"POST",
         b"/api/v3/order",
         b"symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC",
-        [(b"Content-Type", b"application/x-www-form-urlencoded")],
+        encode_request_headers([(b"Content-Type", b"application/x-www-form-urlencoded")]),
         b"quantity=1&price=0.1&recvWindow=5000",
         1499827319.559,
     )
@@ -99,7 +101,9 @@ def test_mixed_query_and_body_signature_goes_last_in_body() -> None:
 def test_rsa_signature_verifies() -> None:
     private = rsa.generate_private_key(65537, 2048)
     rt = runtime_with(record("rsa-key", pem_of(private), "rsa-pkcs1-sha256"))
-    data = rt.prepare(b"GET", b"/api/v3/account", b"", [], b"", NOW.timestamp())
+    data = rt.prepare(
+        b"GET", b"/api/v3/account", b"", encode_request_headers([]), b"", NOW.timestamp()
+    )
     _, target, _, _ = split(data)
     query = target.split(b"?", 1)[1]
     payload, _, sig = query.rpartition(b"&signature=")
@@ -115,15 +119,17 @@ def test_engine_credentials_and_hop_by_hop_headers_are_replaced() -> None:
         b"GET",
         b"/api/v3/openOrders",
         b"symbol=BTCUSDT",
-        [
-            (b"X-MBX-APIKEY", b"engine-key"),
-            (b"Host", b"127.0.0.1:8080"),
-            (b"Connection", b"keep-alive, X-Trace"),
-            (b"X-Trace", b"1"),
-            (b"Transfer-Encoding", b"chunked"),
-            (b"X-Authproxy-Error", b"spoof"),
-            (b"Accept-Encoding", b"gzip"),
-        ],
+        encode_request_headers(
+            [
+                (b"X-MBX-APIKEY", b"engine-key"),
+                (b"Host", b"127.0.0.1:8080"),
+                (b"Connection", b"keep-alive, X-Trace"),
+                (b"X-Trace", b"1"),
+                (b"Transfer-Encoding", b"chunked"),
+                (b"X-Authproxy-Error", b"spoof"),
+                (b"Accept-Encoding", b"gzip"),
+            ]
+        ),
         b"",
         NOW.timestamp(),
     )
@@ -140,10 +146,24 @@ def test_non_ascii_is_percent_encoded_and_controls_refused() -> None:
     from proxy.errors import BadRequest
 
     rt = runtime_with(record("k", random_hmac_secret()))
-    data = rt.prepare(b"GET", b"/api/v3/order", "symbol=１２".encode(), [], b"", NOW.timestamp())
+    data = rt.prepare(
+        b"GET",
+        b"/api/v3/order",
+        "symbol=１２".encode(),
+        encode_request_headers([]),
+        b"",
+        NOW.timestamp(),
+    )
     assert b"symbol=%EF%BC%91%EF%BC%92&" in data
     with pytest.raises(BadRequest):
-        rt.prepare(b"GET", b"/api/v3/order", b"a=1\r\nX: y", [], b"", NOW.timestamp())
+        rt.prepare(
+            b"GET",
+            b"/api/v3/order",
+            b"a=1\r\nX: y",
+            encode_request_headers([]),
+            b"",
+            NOW.timestamp(),
+        )
 
 
 def test_unsupported_algorithm_is_refused() -> None:
@@ -185,7 +205,9 @@ def test_property_signature_covers_exactly_what_is_sent(
     secret = "fixed-test-secret-for-property"
     rt = runtime_with(record("prop-key", secret))
     query, body = (b"", encoded) if in_body else (encoded, b"")
-    data = rt.prepare(method, b"/api/v3/order", query, [], body, NOW.timestamp())
+    data = rt.prepare(
+        method, b"/api/v3/order", query, encode_request_headers([]), body, NOW.timestamp()
+    )
     _, target, headers, sent_body = split(data)
     sent_query = target.partition(b"?")[2]
     total = sent_query + sent_body

@@ -1,0 +1,143 @@
+"""Micro-benchmark of the hot path's own work, with no sockets and no event loop I/O.
+
+Drives the real ``ClientConnection`` and ``UpstreamConnection`` callbacks with fake
+transports: request bytes in, signed bytes out, response bytes in, response bytes out.
+What it reports is the CPU the sidecar spends per request in Python and C, without the
+syscalls and the scheduler, which the end-to-end benchmark (``loadtests.bench``) shows.
+
+    python -m loadtests.hotpath [--requests N]
+
+Times on shared machines are noisy; instruction counts are not. Per request, in
+instructions (the difference of two request counts cancels start-up):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m loadtests.hotpath --requests 2000 --repeat 1   # and again with 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keycache.record import make_record
+from keycache.ring import build_ring
+from proxy.config import ServiceConfig
+from proxy.runtime import new_event_loop
+from proxy.server import ClientConnection, Router
+from proxy.service import KeySet, ServiceRuntime
+from proxy.upstream import UpstreamConnection, UpstreamPool
+
+REQUEST = (
+    b"POST /binance/api/v3/order?symbol=BTCUSDT&side=BUY&type=LIMIT&timeInForce=GTC"
+    b"&quantity=0.01&price=30000 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"User-Agent: engine/1.0\r\nContent-Length: 0\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 19:58:14 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 47\r\nConnection: keep-alive\r\n"
+    b"X-MBX-USED-WEIGHT-1M: 1\r\n\r\n"
+    b'{"symbol":"BTCUSDT","orderId":1,"status":"NEW"}'
+)
+
+
+class FakeTransport:
+    """Collects writes; stands in for the uvloop transports."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def build(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[ClientConnection, UpstreamConnection, FakeTransport, FakeTransport]:
+    now = datetime.now(UTC)
+    record = make_record(
+        "k" * 64,
+        "s" * 64,
+        created_at=now - timedelta(days=1),
+        expires_at=now + timedelta(days=1),
+        permissions=["place_orders"],
+    )
+    ring = build_ring("bench", [(1, record)], now=now, overlap=timedelta(hours=24))
+    svc = ServiceConfig(
+        name="bench",
+        venue="binance",
+        key_type="exchange_api",
+        upstream="https://127.0.0.1:9443",
+        route="/binance",
+        ca_file=None,
+        timeout_ms=2000,
+        recv_window_ms=5000,
+        pool_size=1,
+    )
+    runtime = ServiceRuntime(svc, None)
+    runtime.keys = KeySet(ring, runtime.venue, svc)
+    pool = UpstreamPool(svc, loop)
+    runtime.pool = pool
+    up_transport, client_transport = FakeTransport(), FakeTransport()
+    upstream = UpstreamConnection(pool)
+    upstream.connection_made(up_transport)  # type: ignore[arg-type]
+    pool.idle.append(upstream)
+    client = ClientConnection(Router({"bench": runtime}, max_body=1 << 20))
+    client.connection_made(client_transport)  # type: ignore[arg-type]
+    return client, upstream, client_transport, up_transport
+
+
+def run(n: int) -> float:
+    loop = new_event_loop()  # uvloop, as in the sidecar
+    asyncio.set_event_loop(loop)
+    try:
+        client, upstream, ct, ut = build(loop)
+        for _ in range(1000):  # warm-up
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+        assert ct.written[-1].startswith(b"HTTP/1.1 200 OK"), ct.written[-1][:80]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+        elapsed = time.perf_counter() - t0
+        ct.written.clear()
+        ut.written.clear()
+        return elapsed / n * 1e6
+    finally:
+        loop.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="report the best of this many runs (1 under valgrind)"
+    )
+    args = parser.parse_args()
+    best = min(run(args.requests) for _ in range(args.repeat))
+    print(f"hot path CPU per request (best of {args.repeat} x {args.requests}): {best:.2f} µs")
+
+
+if __name__ == "__main__":
+    main()
