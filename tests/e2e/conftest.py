@@ -50,8 +50,13 @@ class Sidecars:
         services: dict[str, dict[str, Any]] | None = None,
         listen: dict[str, Any] | None = None,
         name: str = "sidecar",
+        records: dict[str, dict[str, object]] | None = None,
     ) -> Proc:
-        """Start a sidecar with ``services`` (default: the four Binance test services)."""
+        """Start a sidecar with ``services`` (default: the four Binance test services).
+
+        ``records`` (service -> key record) adds keys beyond the Binance test keys, for
+        services of other venues.
+        """
         if services is None:
             services = {
                 s: binance_service(
@@ -61,9 +66,9 @@ class Sidecars:
             }
         run = self.run_dir / name
         run.mkdir()
-        keys_path, kek_path = write_key_file(
-            run, {s: self.venue.keys[s][0] for s in services if s in self.venue.keys}
-        )
+        stored = {s: self.venue.keys[s][0] for s in services if s in self.venue.keys}
+        stored.update(records or {})
+        keys_path, kek_path = write_key_file(run, stored)
         cfg = sidecar_config(keys_path, kek_path, services)
         if listen:
             cfg["listen"].update(listen)
