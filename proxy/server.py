@@ -27,7 +27,7 @@ from proxy.errors import (
     UnknownRoute,
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
-from proxy.service import REQUEST_DROP, ServiceRuntime, split_target
+from proxy.service import REQUEST_DROP, ServiceRuntime
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
@@ -191,6 +191,11 @@ class ClientConnection(asyncio.Protocol):
             body,
             self.parser.should_keep_alive(),
         )
+        if self.current is None and not self.pending and not self.processing:
+            # The common case, one request at a time: no queue round trip.
+            self.current = req
+            self._dispatch(req)
+            return
         self.pending.append(req)
         if len(self.pending) >= MAX_PIPELINED and self.reading and self.transport is not None:
             self.reading = False
@@ -226,10 +231,18 @@ class ClientConnection(asyncio.Protocol):
     def _dispatch(self, req: _Request) -> None:
         router = self.router
         try:
-            parts = split_target(req.url)
-            if parts is None:
+            # /route/rest?query -> route, rest, query (inline: this runs per request)
+            url = req.url
+            if not url.startswith(b"/"):
                 raise BadRequest("request target must be an absolute path")
-            route, path, query = parts
+            path, _, query = url.partition(b"?")
+            if b"#" in query:
+                query = query.partition(b"#")[0]
+            cut = path.find(b"/", 1)
+            if cut < 0:
+                route, path = path, b"/"
+            else:
+                route, path = path[:cut], path[cut:]
             service = router.routes.get(route)
             if service is None:
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
@@ -279,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
     def _after(self, req: _Request) -> None:
         if not req.keep_alive:
             self._close()
-        elif not self.processing:
+        elif not self.processing and (self.pending or self.eof or not self.reading):
             self._process()
 
     def _write_error(self, error: ProxyError, *, keep_alive: bool) -> None:

@@ -129,15 +129,3 @@ class ServiceRuntime:
             method, norm_path, norm_query, body, int(now * 1000)
         )
         return build_request(method, target, self.host_line, headers, credentials, body)
-
-
-def split_target(url: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """``/route/rest?query`` → (``/route``, ``/rest``, ``query``); None if not origin-form."""
-    if not url.startswith(b"/"):
-        return None
-    path, _, query = url.partition(b"?")
-    query = query.partition(b"#")[0]
-    cut = path.find(b"/", 1)
-    if cut < 0:
-        return path, b"/", query
-    return path[:cut], path[cut:], query
