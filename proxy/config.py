@@ -104,6 +104,7 @@ class ServiceConfig:
     timeout_ms: int
     recv_window_ms: int
     pool_size: int
+    clock_sync: bool = True
 
     @property
     def upstream_host(self) -> str:
@@ -493,6 +494,7 @@ class _Validator:
                 "timeout_ms",
                 "recv_window_ms",
                 "pool_size",
+                "clock_sync",
             },
         )
         venue = self.req(m, "venue", path, self.string)
@@ -538,6 +540,7 @@ class _Validator:
             pool_size=self.opt(
                 m, "pool_size", path, self.ranged(1, MAX_POOL_SIZE), DEFAULT_POOL_SIZE
             ),
+            clock_sync=self.opt(m, "clock_sync", path, self.boolean, True),
         )
 
     # the seed's api_key_policy block

@@ -21,12 +21,13 @@ from typing import Any
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
 from keycache.ring import KeyRing, build_ring
+from proxy.clock import ClockSync
 from proxy.config import Config, FileStoreConfig
 from proxy.errors import ConfigError, ProxyError
 from proxy.logs import EventLog
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
-from proxy.upstream import UpstreamPool
+from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 DRAIN_TIMEOUT_S = 5.0  # how long SIGTERM waits for in-flight requests
 
@@ -134,6 +135,15 @@ class Sidecar:
         await asyncio.gather(*(p.start() for p in pools))
         for pool in pools:
             self.log("upstream_warm", service=pool.service.name, connections=pool.size)
+        syncs = [
+            ClockSync(svc.name, _time_probe(svc), _offset_setter(svc), self.log)
+            for svc in self.services.values()
+            if svc.config.clock_sync and svc.venue.time_endpoint is not None
+        ]
+        # One probe each before accepting traffic, so the first order is already stamped
+        # on the venue's clock; a venue that does not answer does not hold up start-up.
+        await asyncio.gather(*(s.sync_once() for s in syncs))
+        background = [loop.create_task(s.run()) for s in syncs]
 
         router = Router(self.services, max_body=self.config.listen.max_body_bytes)
         listen = self.config.listen
@@ -168,6 +178,8 @@ class Sidecar:
             await self.stopping.wait()
         finally:
             self.log("draining")
+            for task in background:
+                task.cancel()
             server.close()
             await _wait_drained(pools, DRAIN_TIMEOUT_S)
             for pool in pools:
@@ -175,6 +187,68 @@ class Sidecar:
             for ring in self.rings.values():
                 ring.retire()
             self.log("stopped")
+
+
+class _FutureSink:
+    """Receives one exchange's outcome into a future (the clock probe's)."""
+
+    def __init__(self, future: asyncio.Future[bytes]) -> None:
+        self.future = future
+
+    def upstream_response(self, status: int, raw: bytes, passthrough: bool) -> None:
+        if self.future.done():
+            return
+        if status != 200:
+            self.future.set_exception(ValueError(f"time endpoint answered HTTP {status}"))
+        else:
+            self.future.set_result(ParsedResponse(raw).body)
+
+    def upstream_failed(self, error: ProxyError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+def _time_probe(svc: ServiceRuntime) -> Callable[[], asyncio.Future[float]]:
+    """GET the venue's time endpoint over the service's pool; resolves to epoch ms."""
+    endpoint = svc.venue.time_endpoint
+    assert endpoint is not None
+    request = b"GET %s HTTP/1.1\r\n%sAccept: application/json\r\n\r\n" % (
+        endpoint.path,
+        svc.host_line,
+    )
+
+    def probe() -> asyncio.Future[float]:
+        loop = asyncio.get_running_loop()
+        body: asyncio.Future[bytes] = loop.create_future()
+        pool = svc.pool
+        assert isinstance(pool, UpstreamPool)
+        pool.submit(Exchange(_FutureSink(body), request, b"GET"))
+        result: asyncio.Future[float] = loop.create_future()
+
+        def done(f: asyncio.Future[bytes]) -> None:
+            if result.done():
+                return
+            if f.cancelled():
+                result.cancel()
+            elif (exc := f.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                try:
+                    result.set_result(endpoint.parse(f.result()))
+                except (ValueError, TypeError) as err:
+                    result.set_exception(ValueError(f"time endpoint: {err}"))
+
+        body.add_done_callback(done)
+        return result
+
+    return probe
+
+
+def _offset_setter(svc: ServiceRuntime) -> Callable[[float], None]:
+    def apply(offset_ms: float) -> None:
+        svc.clock_offset_ms = round(offset_ms)
+
+    return apply
 
 
 async def _wait_drained(pools: list[UpstreamPool], timeout: float) -> None:

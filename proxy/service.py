@@ -90,7 +90,16 @@ class KeySet:
 class ServiceRuntime:
     """Everything the hot path needs for one service, precomputed at start-up."""
 
-    __slots__ = ("config", "host_line", "keys", "name", "pool", "route", "venue")
+    __slots__ = (
+        "clock_offset_ms",
+        "config",
+        "host_line",
+        "keys",
+        "name",
+        "pool",
+        "route",
+        "venue",
+    )
 
     def __init__(self, config: ServiceConfig, keys: KeySet | None) -> None:
         self.config = config
@@ -100,6 +109,8 @@ class ServiceRuntime:
         self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
         self.keys = keys
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
+        # venue clock minus ours, from proxy.clock; added to every timestamp we sign
+        self.clock_offset_ms = 0
 
     def prepare(
         self,
@@ -126,6 +137,6 @@ class ServiceRuntime:
             raise NoUsableKey(f"no key loaded for service {self.name}")
         signer = self.keys.signer_for(now)
         target, credentials, body = signer.sign(
-            method, norm_path, norm_query, body, int(now * 1000)
+            method, norm_path, norm_query, body, int(now * 1000) + self.clock_offset_ms
         )
         return build_request(method, target, self.host_line, headers, credentials, body)

@@ -116,10 +116,14 @@ def test_sign_dry_run_tampered_body_and_stale_timestamp(sidecars: Sidecars, venu
     assert (status, body["code"]) == (400, -1021)
 
 
-def test_stale_clock_through_the_sidecar_is_rejected_with_1021(
-    sidecars: Sidecars, venue: Venue, tmp_path: Any
+@pytest.mark.parametrize("clock_sync", [False, True])
+def test_venue_clock_ahead_is_corrected_by_clock_sync(
+    sidecars: Sidecars, venue: Venue, tmp_path: Any, clock_sync: bool
 ) -> None:
-    """A venue whose clock runs 30 s ahead sees the sidecar's timestamps as stale."""
+    """A venue whose clock runs 30 s ahead: without clock sync the sidecar's timestamps
+    are stale (-1021); with it (the default) the sidecar measures the offset off the
+    venue's time endpoint and the order is accepted."""
+    from proxy.demo import binance_service
     from proxy.procs import Proc, simulator_argv
 
     keys_file = tmp_path / "keys.json"
@@ -129,21 +133,24 @@ def test_stale_clock_through_the_sidecar_is_rejected_with_1021(
         stderr_path=tmp_path / "ahead.log",
     )
     try:
-        from proxy.demo import binance_service
-
-        sc = sidecars.start(
-            {"binance_hmac": binance_service(ahead.ready["port"], ahead.ready["ca_file"], "/hmac")}
+        svc = binance_service(ahead.ready["port"], ahead.ready["ca_file"], "/hmac")
+        svc["clock_sync"] = clock_sync
+        sc = sidecars.start({"binance_hmac": svc})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{sc.ready['listen']['port']}/hmac{ORDER}", method="POST"
         )
-        with urllib.request.urlopen(
-            urllib.request.Request(
-                f"http://127.0.0.1:{sc.ready['listen']['port']}/hmac{ORDER}", method="POST"
-            ),
-            timeout=10,
-        ) as resp:
-            raise AssertionError(f"accepted: {resp.status}")
-    except urllib.error.HTTPError as err:
-        assert err.code == 400
-        assert json.loads(err.read())["code"] == -1021
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                status, body = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            status, body = err.code, json.loads(err.read())
+        if clock_sync:
+            assert status == 200, body
+            events = [json.loads(line) for line in sc.stderr_tail(100_000).splitlines()]
+            offsets = [e["offset_ms"] for e in events if e.get("event") == "clock_offset"]
+            assert offsets and abs(offsets[0] - 30000) < 1000
+        else:
+            assert (status, body["code"]) == (400, -1021)
     finally:
         assert ahead.stop() == 0
 
