@@ -16,6 +16,7 @@ import string
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -95,15 +96,22 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
     return out
 
 
-def write_key_file(run_dir: Path, records: dict[str, dict[str, object]]) -> tuple[Path, Path]:
-    """Write a fresh KEK and an encrypted key file holding ``records`` (service → record)."""
+def write_key_file(
+    run_dir: Path, records: Mapping[str, dict[str, object] | list[dict[str, object]]]
+) -> tuple[Path, Path]:
+    """Write a fresh KEK and an encrypted key file holding ``records``.
+
+    ``records`` maps a service to its key record, or to a list of records (versions,
+    oldest first).
+    """
     kek_path = run_dir / "kek.key"
     keys_path = run_dir / "keys.enc"
     KeyFile.create_kek_file(kek_path)
     keyfile = KeyFile(keys_path, kek=load_kek_file(kek_path))
     try:
-        for service, record in records.items():
-            keyfile.add_version(service, record)
+        for service, value in records.items():
+            for record in value if isinstance(value, list) else [value]:
+                keyfile.add_version(service, record)
     finally:
         keyfile.close()
     return keys_path, kek_path

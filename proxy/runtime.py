@@ -145,7 +145,13 @@ class Sidecar:
         await asyncio.gather(*(s.sync_once() for s in syncs))
         background = [loop.create_task(s.run()) for s in syncs]
 
-        router = Router(self.services, max_body=self.config.listen.max_body_bytes)
+        router = Router(
+            self.services,
+            max_body=self.config.listen.max_body_bytes,
+            on_fallback=lambda service, used, other: self.log(
+                "key_fallback", service=service, refused_key_id=used, retried_key_id=other
+            ),
+        )
         listen = self.config.listen
         if listen.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -28,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
 from proxy.service import REQUEST_DROP, ServiceRuntime
+from proxy.signers import KeySigner, Rejection
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
@@ -36,7 +37,18 @@ MAX_PIPELINED = 64  # requests queued per connection before we stop reading from
 
 
 class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "url")
+    __slots__ = (
+        "body",
+        "fell_back",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "service",
+        "signer",
+        "url",
+    )
 
     def __init__(
         self,
@@ -51,6 +63,12 @@ class _Request:
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        # set at dispatch, kept for a fallback re-sign with the other key
+        self.service: ServiceRuntime | None = None
+        self.signer: KeySigner | None = None
+        self.path = b""
+        self.query = b""
+        self.fell_back = False
 
 
 class _LocalError:
@@ -65,7 +83,7 @@ class _LocalError:
 class Router:
     """Maps a route (``/binance``) to its service. Built once; swapped whole on reload."""
 
-    __slots__ = ("clock", "max_body", "routes")
+    __slots__ = ("clock", "max_body", "on_fallback", "routes")
 
     def __init__(
         self,
@@ -73,10 +91,12 @@ class Router:
         *,
         max_body: int,
         clock: Callable[[], float] = time.time,
+        on_fallback: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.routes: dict[bytes, ServiceRuntime] = {s.route: s for s in services.values()}
         self.max_body = max_body
         self.clock = clock
+        self.on_fallback = on_fallback or (lambda service, used, other: None)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -246,19 +266,55 @@ class ClientConnection(asyncio.Protocol):
             service = router.routes.get(route)
             if service is None:
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
-            data = service.prepare(req.method, path, query, req.headers, req.body, router.clock())
+            now = router.clock()
+            signer = service.signer_for(now)
+            data = service.prepare_with(signer, req.method, path, query, req.headers, req.body, now)
         except ProxyError as exc:
             self._finish_local(exc)
             return
+        req.service, req.signer, req.path, req.query = service, signer, path, query
         pool = service.pool
         assert isinstance(pool, UpstreamPool)
         pool.submit(Exchange(self, data, req.method))
+
+    def _fall_back(self, req: _Request, status: int, raw: bytes) -> bool:
+        """Re-sign once with the other live key when the venue refused this key.
+
+        Only on a definitive *key not accepted* answer (the venue's classifier), only once
+        per request, and only while an overlap window gives another live key. Returns
+        whether the request went out again.
+        """
+        service, used = req.service, req.signer
+        if req.fell_back or service is None or used is None or service.keys is None:
+            return False
+        if service.venue.classify(status, ParsedResponse(raw).body) is not Rejection.KEY_REJECTED:
+            return False
+        now = self.router.clock()
+        other = service.keys.fallback_for(used, now)
+        if other is None:
+            return False
+        try:
+            data = service.prepare_with(
+                other, req.method, req.path, req.query, req.headers, req.body, now
+            )
+        except ProxyError:
+            return False
+        req.fell_back = True
+        req.signer = other
+        service.fallbacks += 1
+        self.router.on_fallback(service.name, used.key_id, other.key_id)
+        pool = service.pool
+        assert isinstance(pool, UpstreamPool)
+        pool.submit(Exchange(self, data, req.method))
+        return True
 
     # ResponseSink
     def upstream_response(self, status: int, raw: bytes, passthrough: bool) -> None:
         req = self.current
         transport = self.transport
         if req is None or transport is None:
+            return
+        if status >= 400 and self._fall_back(req, status, raw):
             return
         self.current = None
         if passthrough and req.keep_alive and req.method != b"HEAD":

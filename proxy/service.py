@@ -83,6 +83,13 @@ class KeySet:
         self._until = min([chosen.expires, *boundaries])
         return chosen.signer
 
+    def fallback_for(self, used: KeySigner, now: float) -> KeySigner | None:
+        """Another usable key's signer (newest first), or None outside an overlap window."""
+        for slot in reversed(self.slots):
+            if slot.signer is not used and slot.activates <= now < slot.expires:
+                return slot.signer
+        return None
+
     def live_keys(self) -> tuple[LiveKey, ...]:
         return self.ring.keys
 
@@ -93,6 +100,7 @@ class ServiceRuntime:
     __slots__ = (
         "clock_offset_ms",
         "config",
+        "fallbacks",
         "host_line",
         "keys",
         "name",
@@ -111,6 +119,7 @@ class ServiceRuntime:
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
         # venue clock minus ours, from proxy.clock; added to every timestamp we sign
         self.clock_offset_ms = 0
+        self.fallbacks = 0  # requests re-signed with the other key of an overlap pair
 
     def prepare(
         self,
@@ -129,13 +138,30 @@ class ServiceRuntime:
         """
         if now is None:
             now = time.time()
+        return self.prepare_with(self.signer_for(now), method, path, query, headers, body, now)
+
+    def signer_for(self, now: float) -> KeySigner:
+        """The signer of the key that signs now. Raises NoUsableKey."""
+        keys = self.keys
+        if keys is None:
+            raise NoUsableKey(f"no key loaded for service {self.name}")
+        return keys.signer_for(now)
+
+    def prepare_with(
+        self,
+        signer: KeySigner,
+        method: bytes,
+        path: bytes,
+        query: bytes,
+        headers: bytes,
+        body: bytes,
+        now: float,
+    ) -> bytes:
+        """``prepare`` with a given key's signer (the fallback path re-signs with another)."""
         norm_path = normalize_target_part(path)
         norm_query = normalize_target_part(query)
         if norm_path is None or norm_query is None:
             raise BadRequest("control characters or spaces in the request target")
-        if self.keys is None:
-            raise NoUsableKey(f"no key loaded for service {self.name}")
-        signer = self.keys.signer_for(now)
         target, credentials, body = signer.sign(
             method, norm_path, norm_query, body, int(now * 1000) + self.clock_offset_ms
         )

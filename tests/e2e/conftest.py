@@ -50,7 +50,7 @@ class Sidecars:
         services: dict[str, dict[str, Any]] | None = None,
         listen: dict[str, Any] | None = None,
         name: str = "sidecar",
-        records: dict[str, dict[str, object]] | None = None,
+        records: dict[str, dict[str, object] | list[dict[str, object]]] | None = None,
     ) -> Proc:
         """Start a sidecar with ``services`` (default: the four Binance test services).
 
@@ -66,7 +66,9 @@ class Sidecars:
             }
         run = self.run_dir / name
         run.mkdir()
-        stored = {s: self.venue.keys[s][0] for s in services if s in self.venue.keys}
+        stored: dict[str, dict[str, object] | list[dict[str, object]]] = {
+            s: self.venue.keys[s][0] for s in services if s in self.venue.keys
+        }
         stored.update(records or {})
         keys_path, kek_path = write_key_file(run, stored)
         cfg = sidecar_config(keys_path, kek_path, services)

@@ -160,3 +160,46 @@ def test_https_only_to_verified_venue(venue: Venue) -> None:
     with pytest.raises(urllib.error.URLError) as info:
         urllib.request.urlopen(f"https://127.0.0.1:{venue.port}/api/v3/ping", timeout=5)
     assert isinstance(info.value.reason, ssl.SSLCertVerificationError)
+
+
+async def test_key_rejected_falls_back_to_the_other_key_of_the_overlap(
+    sidecars: Sidecars, venue: Venue
+) -> None:
+    """The newest key is not (yet) accepted by the venue: the sidecar re-signs the same
+    order with the previous key, once, and the order goes through."""
+    from datetime import UTC, datetime, timedelta
+
+    from keycache.record import make_record
+    from proxy.demo import PERMISSIONS, binance_service, test_key_id
+
+    known, _ = venue.keys["binance_hmac"]
+    now = datetime.now(UTC).replace(microsecond=0)
+    newer = make_record(
+        test_key_id(),
+        "not-registered-at-the-venue",
+        created_at=now - timedelta(minutes=1),
+        expires_at=now + timedelta(days=30),
+        permissions=PERMISSIONS,
+    )
+    sc = sidecars.start(
+        {"binance_hmac": binance_service(venue.port, venue.ca_file, "/hmac")},
+        records={"binance_hmac": [known, newer]},
+    )
+    status, _, body = await _post(
+        sc.ready["listen"]["port"], "/hmac", ORDER + "&newClientOrderId=fallback-1"
+    )
+    assert status == 200, body
+    assert body["clientOrderId"] == "fallback-1"
+    events = [json.loads(line) for line in sc.stderr_tail(100_000).splitlines()]
+    (fallback,) = [e for e in events if e.get("event") == "key_fallback"]
+    assert fallback["refused_key_id"] == newer["key_id"]
+    assert fallback["retried_key_id"] == known["key_id"]
+
+    # The venue saw exactly two attempts: the refused key, then the other one.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"https://127.0.0.1:{venue.port}/__sim/log", ssl=venue.ssl_context()) as resp,
+    ):
+        log = (await resp.json())["entries"]
+    tried = [e["api_key"] for e in log if "newClientOrderId=fallback-1" in e["query"]]
+    assert tried == [newer["key_id"], known["key_id"]]
