@@ -43,6 +43,7 @@ class _Request:
         "headers",
         "keep_alive",
         "method",
+        "overlap",
         "path",
         "query",
         "service",
@@ -69,6 +70,7 @@ class _Request:
         self.path = b""
         self.query = b""
         self.fell_back = False
+        self.overlap = False
 
 
 class _LocalError:
@@ -273,6 +275,7 @@ class ClientConnection(asyncio.Protocol):
             self._finish_local(exc)
             return
         req.service, req.signer, req.path, req.query = service, signer, path, query
+        req.overlap = service.keys is not None and service.keys.overlap
         pool = service.pool
         assert isinstance(pool, UpstreamPool)
         pool.submit(Exchange(self, data, req.method))
@@ -314,7 +317,10 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if req is None or transport is None:
             return
-        if status >= 400 and self._fall_back(req, status, raw):
+        # Only while two keys are live can a refused key be retried; some venues (Bybit,
+        # Kraken) refuse keys with HTTP 200 and the verdict in the body, so the status
+        # alone cannot rule it out.
+        if req.overlap and self._fall_back(req, status, raw):
             return
         self.current = None
         if passthrough and req.keep_alive and req.method != b"HEAD":

@@ -43,7 +43,7 @@ class KeySet:
     common case: the choice is cached until the next activation or expiry boundary.
     """
 
-    __slots__ = ("_cached", "_until", "ring", "slots")
+    __slots__ = ("_cached", "_until", "overlap", "ring", "slots")
 
     def __init__(
         self,
@@ -65,6 +65,8 @@ class KeySet:
         )
         self._cached: _Slot | None = None
         self._until = -1.0
+        # Two keys live: a key the venue refuses may be retried with the other one.
+        self.overlap = len(self.slots) > 1
 
     def signer_for(self, now: float) -> KeySigner:
         """The newest key whose activation has passed and that has not expired."""
