@@ -141,6 +141,8 @@ class BinanceVenue:
     def classify(self, status: int, body: bytes) -> Rejection | None:
         if 200 <= status < 300:
             return None
+        if status == 418:
+            return Rejection.BANNED  # the ban outranks the -1003 the body repeats
         code = json_field(body, "code")
         if isinstance(code, int) and code in _CODES:
             return _CODES[code]
