@@ -42,10 +42,28 @@ from proxy.simulator.base import (
     note_of,
 )
 from proxy.simulator.binance import BinanceVenue
+from proxy.simulator.binance_usdm import BinanceUsdmVenue
+from proxy.simulator.bitmex import BitmexVenue
+from proxy.simulator.bybit import BybitVenue
+from proxy.simulator.coinbase import CoinbaseVenue
+from proxy.simulator.deribit import DeribitVenue
+from proxy.simulator.gemini import GeminiVenue
+from proxy.simulator.internal import InternalVenue
+from proxy.simulator.kraken import KrakenVenue
+from proxy.simulator.okx import OkxVenue
 
 # One line per venue module: the name is its field in a keys document.
 VENUE_FACTORIES: Mapping[str, Callable[[Clock], Venue]] = {
     "binance": lambda clock: BinanceVenue(clock=clock),
+    "binance_usdm": lambda clock: BinanceUsdmVenue(clock=clock),
+    "internal": lambda clock: InternalVenue(clock=clock),
+    "kraken": lambda clock: KrakenVenue(clock=clock),
+    "bitmex": lambda clock: BitmexVenue(clock=clock),
+    "gemini": lambda clock: GeminiVenue(clock=clock),
+    "deribit": lambda clock: DeribitVenue(clock=clock),
+    "okx": lambda clock: OkxVenue(clock=clock),
+    "bybit": lambda clock: BybitVenue(clock=clock),
+    "coinbase": lambda clock: CoinbaseVenue(clock=clock),
 }
 
 LOG_CAPACITY = 10_000  # enough for a test run or a short benchmark, bounded for long ones
