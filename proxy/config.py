@@ -180,6 +180,8 @@ class Config:
     memory: MemoryConfig
     services: Mapping[str, ServiceConfig]
     api_key_policy: ApiKeyPolicy
+    # Where signers keep state across restarts (Kraken/Gemini nonce high-water marks).
+    state_dir: Path | None = None
     source: Path | None = field(default=None, compare=False)
 
     def effective(self) -> dict[str, Any]:
@@ -348,7 +350,7 @@ class _Validator:
         top = self.mapping(
             raw,
             "",
-            {"listen", "admin", "keystore", "memory", "services", "api_key_policy"},
+            {"listen", "admin", "keystore", "memory", "services", "api_key_policy", "state_dir"},
         )
         policy = self.req(top, "api_key_policy", "", self.policy)
         services_raw = self.req(top, "services", "", self.mapping)
@@ -373,6 +375,7 @@ class _Validator:
             memory=self.opt(top, "memory", "", self.memory, MemoryConfig()),
             services=services,
             api_key_policy=policy,
+            state_dir=self.opt(top, "state_dir", "", self.filepath, None),
             source=source,
         )
 

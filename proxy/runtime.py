@@ -27,9 +27,12 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.logs import EventLog
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
+from proxy.signers import SignerContext
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
-DRAIN_TIMEOUT_S = 5.0  # how long SIGTERM waits for in-flight requests
+DRAIN_TIMEOUT_S = 5.0
+# Venues whose nonce must only grow, kept across restarts under state_dir.
+NONCE_VENUES = frozenset({"kraken", "gemini"})  # how long SIGTERM waits for in-flight requests
 
 
 class StartupError(ProxyError):
@@ -80,11 +83,22 @@ def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dic
     return rings
 
 
-def build_services(config: Config, rings: Mapping[str, KeyRing]) -> dict[str, ServiceRuntime]:
+def signer_context(config: Config) -> SignerContext:
+    """The signers' context; creates ``state_dir`` (mode 0700) if it is missing. Blocking."""
+    if config.state_dir is not None:
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SignerContext(state_dir=config.state_dir)
+
+
+def build_services(
+    config: Config, rings: Mapping[str, KeyRing], context: SignerContext | None = None
+) -> dict[str, ServiceRuntime]:
+    """One ServiceRuntime per service, with the signers of its live keys. Blocking (a
+    signer may read its state file): call before serving, or in a thread."""
     services = {}
     for name, svc in config.services.items():
         runtime = ServiceRuntime(svc, None)
-        runtime.keys = KeySet(rings[name], runtime.venue, svc) if name in rings else None
+        runtime.keys = KeySet(rings[name], runtime.venue, svc, context) if name in rings else None
         services[name] = runtime
     return services
 
@@ -126,7 +140,16 @@ class Sidecar:
             )
             if not ring.buffer.locked:
                 self.log("memory_not_locked", service=name, level="warning")
-        self.services = build_services(self.config, self.rings)
+        if self.config.state_dir is None and any(
+            s.venue in NONCE_VENUES for s in self.config.services.values()
+        ):
+            self.log(
+                "nonce_not_persisted",
+                level="warning",
+                reason="no state_dir: nonces restart from the clock after a restart",
+            )
+        context = await asyncio.to_thread(signer_context, self.config)
+        self.services = await asyncio.to_thread(build_services, self.config, self.rings, context)
         pools = []
         for svc in self.services.values():
             pool = UpstreamPool(svc.config, loop, on_event=self.log)

@@ -109,6 +109,7 @@ class ServiceRuntime:
         "pool",
         "route",
         "venue",
+        "venue_drop",
     )
 
     def __init__(self, config: ServiceConfig, keys: KeySet | None) -> None:
@@ -116,6 +117,8 @@ class ServiceRuntime:
         self.name = config.name
         self.route = config.route.encode("ascii")
         self.venue: Venue = VENUES[config.venue]
+        # Engine headers a venue's signer replaces (Gemini sets its own Content-Type).
+        self.venue_drop: frozenset[bytes] = getattr(self.venue, "replaces_headers", frozenset())
         self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
         self.keys = keys
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
@@ -167,4 +170,11 @@ class ServiceRuntime:
         target, credentials, body = signer.sign(
             method, norm_path, norm_query, body, int(now * 1000) + self.clock_offset_ms
         )
+        if self.venue_drop and headers:
+            drop = self.venue_drop
+            headers = b"".join(
+                line + b"\r\n"
+                for line in headers.split(b"\r\n")
+                if line and line.split(b":", 1)[0].strip().lower() not in drop
+            )
         return build_request(method, target, self.host_line, headers, credentials, body)

@@ -182,6 +182,8 @@ class GeminiVenue:
 
     name = "gemini"
     credential_headers = frozenset({b"x-gemini-apikey", b"x-gemini-payload", b"x-gemini-signature"})
+    # The signer sends its own Content-Type and Cache-Control; the engine's would repeat them.
+    replaces_headers = frozenset({b"content-type", b"cache-control"})
     time_endpoint: TimeEndpoint | None = None
 
     def signer(self, key: LiveKey, service: ServiceConfig, context: SignerContext) -> KeySigner:

@@ -111,3 +111,88 @@ async def test_clock_offset_does_not_matter_to_kraken(sidecars: Sidecars, tmp_pa
         assert (status, json.loads(raw)["error"]) == (200, [])
     finally:
         ahead.stop()
+
+
+@pytest.mark.parametrize("persist", [True, False])
+async def test_nonce_high_water_mark_survives_a_restart(
+    sidecars: Sidecars, tmp_path: Path, persist: bool
+) -> None:
+    """A previous run issued nonces up to its reservation, then died. A sidecar restarted
+    with the same state_dir starts above it (accepted); one without state_dir restarts
+    from the clock, below what Kraken already saw (refused as an invalid nonce)."""
+    import hashlib
+    import hmac
+    import ssl
+    import urllib.request
+
+    import yaml
+
+    from proxy.signers.nonce import state_file
+
+    key_id = "kraken-restart-" + secrets.token_hex(6)
+    secret = base64.b64encode(secrets.token_bytes(64)).decode()
+    sim = Simulator(
+        tmp_path / "sim",
+        {"kraken": [{"api_key": key_id, "algorithm": "hmac-sha512", "secret": secret}]},
+    )
+    state = tmp_path / "state"
+    try:
+        records = {"kraken_spot": key_record(key_id, secret, "hmac-sha512")}
+        first = sidecars.start(
+            {"kraken_spot": sim.service("kraken", "/kraken")}, records=records, name="first"
+        )
+        cfg_path = Path(first.argv[-1])
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["state_dir"] = str(state)
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        first.stop()
+        sidecars.started.remove(first)
+        from proxy.procs import Proc, sidecar_argv
+
+        run1 = Proc(sidecar_argv(cfg_path), stderr_path=tmp_path / "run1.log")
+        status, _, raw = await engine(
+            int(run1.ready["listen"]["port"]), "POST", "/kraken/0/private/Balance", b"", FORM
+        )
+        assert status == 200 and json.loads(raw)["error"] == [], raw
+        assert run1.stop() == 0
+        mark = int(state_file(state, "kraken", key_id).read_text().split()[0])
+        assert mark > time.time() * 1000 + 30_000  # a block reserved ahead of the clock
+
+        # Run 1 "issued" nonces up to its reservation before dying: Kraken saw mark - 1.
+        nonce = mark - 1
+        post = f"nonce={nonce}".encode()
+        path = b"/0/private/Balance"
+        sig = base64.b64encode(
+            hmac.new(
+                base64.b64decode(secret),
+                path + hashlib.sha256(str(nonce).encode() + post).digest(),
+                hashlib.sha512,
+            ).digest()
+        )
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{sim.port}/0/private/Balance",
+            data=post,
+            headers={"API-Key": key_id, "API-Sign": sig.decode(), **FORM},
+        )
+        ctx = ssl.create_default_context(cafile=sim.ca_file)
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            assert json.loads(resp.read())["error"] == []
+
+        if not persist:
+            cfg.pop("state_dir")
+            cfg_path.write_text(yaml.safe_dump(cfg))
+        run2 = Proc(sidecar_argv(cfg_path), stderr_path=tmp_path / "run2.log")
+        try:
+            status, _, raw = await engine(
+                int(run2.ready["listen"]["port"]), "POST", "/kraken/0/private/Balance", b"", FORM
+            )
+        finally:
+            assert run2.stop() == 0
+        errors = json.loads(raw)["error"]
+        if persist:
+            assert errors == [], raw
+        else:
+            assert errors == ["EAPI:Invalid nonce"]
+            assert KRAKEN.classify(status, raw) is Rejection.CLOCK_OR_NONCE
+    finally:
+        sim.stop()

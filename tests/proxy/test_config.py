@@ -162,3 +162,11 @@ def test_check_config_cli(tmp_path: Path, seed_policy_yaml: str) -> None:
     out = _cli("check-config", str(bad))
     assert out.returncode == 2
     assert "services.binance_spot_trading.upstream: must be an https URL" in out.stderr
+
+
+def test_state_dir_is_optional_and_resolved_against_the_config(seed_policy_yaml: str) -> None:
+    assert parse_config(BASE + seed_policy_yaml).state_dir is None
+    cfg = parse_config(
+        BASE + "state_dir: state\n" + seed_policy_yaml, source=Path("/etc/authproxy/a.yaml")
+    )
+    assert cfg.state_dir == Path("/etc/authproxy/state")

@@ -258,3 +258,25 @@ def test_classifier(status: int, body: bytes, expected: Rejection | None) -> Non
 
 def test_no_time_endpoint() -> None:
     assert GEMINI.time_endpoint is None
+
+
+def test_engine_content_type_is_replaced_not_repeated() -> None:
+    rt = runtime_with("gem-key", random_hmac_secret())
+    data = rt.prepare(
+        b"POST",
+        b"/v1/order/new",
+        b"",
+        encode_request_headers(
+            [
+                (b"Content-Type", b"application/json"),
+                (b"User-Agent", b"engine/1"),
+                (b"cache-control", b"max-age=0"),
+            ]
+        ),
+        b'{"symbol":"btcusd"}',
+        NOW.timestamp(),
+    )
+    _, _, headers, _ = split(data)
+    assert [v for n, v in headers if n.lower() == b"content-type"] == [b"text/plain"]
+    assert [v for n, v in headers if n.lower() == b"cache-control"] == [b"no-cache"]
+    assert header(headers, b"User-Agent") == b"engine/1"
