@@ -21,6 +21,8 @@ from typing import Any
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
 from keycache.ring import KeyRing, build_ring
+from keycache.vault import VaultSource, scrub_record
+from keycache.watcher import KeyWatcher
 from proxy.clock import ClockSync
 from proxy.config import Config, FileStoreConfig
 from proxy.errors import ConfigError, ProxyError
@@ -31,6 +33,9 @@ from proxy.signers import SignerContext
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 DRAIN_TIMEOUT_S = 5.0
+# A retired ring is wiped this long after the swap: longer than any request may take to be
+# signed (signing is synchronous; this only covers a swap racing a dispatch).
+RETIRE_GRACE_S = 1.0
 # Venues whose nonce must only grow, kept across restarts under state_dir.
 NONCE_VENUES = frozenset({"kraken", "gemini"})  # how long SIGTERM waits for in-flight requests
 
@@ -53,9 +58,8 @@ def open_key_file(cfg: FileStoreConfig, environ: Mapping[str, str]) -> KeyFile:
 
 
 def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dict[str, KeyRing]:
-    """Read every configured service's keys into fresh locked memory. Blocking."""
-    if config.keystore.backend != "file":
-        raise ConfigError("keystore.backend", "the vault backend is not available in this version")
+    """Read every configured service's keys from the key file into fresh locked memory.
+    Blocking."""
     assert config.keystore.file is not None
     keyfile = open_key_file(config.keystore.file, environ)
     try:
@@ -121,17 +125,93 @@ class Sidecar:
         self.services: dict[str, ServiceRuntime] = {}
         self.rings: dict[str, KeyRing] = {}
         self.stopping: asyncio.Event | None = None
+        self.watcher: KeyWatcher | None = None
+        self.source: VaultSource | None = None
+        self.context: SignerContext | None = None
+        self._generation: dict[str, int] = {}
+        self._swaps: set[asyncio.Task[None]] = set()
+
+    # -- the Vault backend: load at start, then swap rings as the watcher publishes them --
+
+    async def _start_watcher(self) -> KeyWatcher:
+        """Build the Vault source and watcher; load every service (raises KeyCacheError)."""
+        vault = self.config.keystore.vault
+        assert vault is not None
+        source = await asyncio.to_thread(VaultSource.from_config, vault)
+        self.source = source
+        overlap = timedelta(hours=self.config.api_key_policy.global_settings.rotation_overlap_hours)
+        watcher = KeyWatcher(
+            source,
+            list(self.config.services),
+            overlap=overlap,
+            poll_interval=timedelta(milliseconds=vault.poll_interval_ms),
+            require_lock=self.config.memory.require_memory_lock,
+            clock=lambda: datetime.now(UTC),
+            on_ring=self._on_ring,
+            on_event=self.log,
+            scrub=scrub_record,
+        )
+        await watcher.load_all()
+        return watcher
+
+    def _on_ring(self, service: str, ring: KeyRing, retired: KeyRing | None) -> None:
+        """The watcher published a new ring for ``service`` (on the loop).
+
+        Before serving, the ring is just recorded. While serving, the new signers are
+        built in a thread (a signer may touch its state file, parse a PEM) and then
+        swapped in with one reference assignment; the retired ring is wiped once no
+        request can still be signing with it (``RETIRE_GRACE_S`` later).
+        """
+        self.rings[service] = ring
+        self.log(
+            "keys_loaded",
+            service=service,
+            key_ids=list(ring.key_ids()),
+            memory_locked=ring.buffer.locked,
+        )
+        runtime = self.services.get(service)
+        if runtime is None:  # still starting: build_services will use self.rings
+            if retired is not None:
+                retired.retire()
+            return
+        generation = self._generation.get(service, 0) + 1
+        self._generation[service] = generation
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._swap(runtime, ring, retired, generation))
+        self._swaps.add(task)
+        task.add_done_callback(self._swaps.discard)
+
+    async def _swap(
+        self, runtime: ServiceRuntime, ring: KeyRing, retired: KeyRing | None, generation: int
+    ) -> None:
+        try:
+            keys = await asyncio.to_thread(
+                KeySet, ring, runtime.venue, runtime.config, self.context
+            )
+        except ProxyError as exc:
+            self.log("key_swap_failed", service=runtime.name, error=exc.message)
+            return
+        if self._generation.get(runtime.name) != generation:
+            return  # a newer ring arrived while this one was being built
+        runtime.keys = keys
+        self.log("keys_swapped", service=runtime.name, key_ids=list(ring.key_ids()))
+        if retired is not None:
+            asyncio.get_running_loop().call_later(RETIRE_GRACE_S, retired.retire)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.log("starting", pid=os.getpid(), services=sorted(self.config.services))
         now = datetime.now(UTC)
+        watcher: KeyWatcher | None = None
         try:
-            self.rings = await asyncio.to_thread(load_rings, self.config, self.environ, now)
+            if self.config.keystore.backend == "vault":
+                watcher = await self._start_watcher()
+            else:
+                self.rings = await asyncio.to_thread(load_rings, self.config, self.environ, now)
         except KeyCacheError as exc:
             raise StartupError(f"{exc.code}: {exc}") from exc
-        for name, ring in self.rings.items():
+        for name, ring in self.rings.items() if watcher is None else ():
             self.log(
                 "keys_loaded",
                 service=name,
@@ -149,6 +229,7 @@ class Sidecar:
                 reason="no state_dir: nonces restart from the clock after a restart",
             )
         context = await asyncio.to_thread(signer_context, self.config)
+        self.context = context
         self.services = await asyncio.to_thread(build_services, self.config, self.rings, context)
         pools = []
         for svc in self.services.values():
@@ -167,6 +248,9 @@ class Sidecar:
         # on the venue's clock; a venue that does not answer does not hold up start-up.
         await asyncio.gather(*(s.sync_once() for s in syncs))
         background = [loop.create_task(s.run()) for s in syncs]
+        if watcher is not None:
+            self.watcher = watcher
+            background.append(loop.create_task(watcher.run()))
 
         router = Router(
             self.services,
@@ -213,6 +297,10 @@ class Sidecar:
             await _wait_drained(pools, DRAIN_TIMEOUT_S)
             for pool in pools:
                 await pool.close()
+            if watcher is not None:
+                watcher.stop()
+            if self.source is not None:
+                await asyncio.to_thread(self.source.close)
             for ring in self.rings.values():
                 ring.retire()
             self.log("stopped")
