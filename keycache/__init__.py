@@ -2,18 +2,29 @@
 
 Never imports :mod:`proxy`. Public names are re-exported here; see each module for its
 contract (what may run on the event loop and what must run in a thread).
+
+The Vault source is not re-exported: ``from keycache.vault import VaultSource`` imports
+hvac (and requests), which a sidecar on the file store never needs to load.
 """
 
 from __future__ import annotations
 
 from keycache.errors import (
+    HealthTransitionError,
     KeyCacheError,
     KeyFileError,
     KeyRecordError,
+    KeyStoreConflict,
+    KeyStoreError,
+    KeyStoreForbidden,
+    KeyStoreNotFound,
+    KeyStoreSealed,
+    KeyStoreUnavailable,
     MemoryLockError,
     NoUsableKeyError,
 )
 from keycache.filestore import KeyFile, KeyFileData, derive_kek, load_kek_file
+from keycache.health import HealthEvent, HealthMachine, HealthSnapshot, HealthState
 from keycache.record import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -27,8 +38,23 @@ from keycache.record import (
     new_key_id,
     parse_record,
 )
-from keycache.ring import KeyRing, LiveKey, build_ring, live_versions, next_liveness_change
+from keycache.ring import (
+    KeyRing,
+    LiveKey,
+    build_ring,
+    live_versions,
+    next_liveness_change,
+    previous_stays_live,
+)
 from keycache.securemem import SecureBuffer, make_process_non_dumpable, wipe_bytearray
+from keycache.vaultauth import AuthStatus, AuthTiming, VaultAuthSettings
+from keycache.watcher import (
+    KeySource,
+    KeyWatcher,
+    SecretMetadata,
+    ServiceStatus,
+    VersionInfo,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -36,6 +62,13 @@ __all__ = [
     "HMAC_ALGORITHMS",
     "PEM_ALGORITHMS",
     "Algorithm",
+    "AuthStatus",
+    "AuthTiming",
+    "HealthEvent",
+    "HealthMachine",
+    "HealthSnapshot",
+    "HealthState",
+    "HealthTransitionError",
     "KeyCacheError",
     "KeyFile",
     "KeyFileData",
@@ -43,10 +76,22 @@ __all__ = [
     "KeyMeta",
     "KeyRecordError",
     "KeyRing",
+    "KeySource",
+    "KeyStoreConflict",
+    "KeyStoreError",
+    "KeyStoreForbidden",
+    "KeyStoreNotFound",
+    "KeyStoreSealed",
+    "KeyStoreUnavailable",
+    "KeyWatcher",
     "LiveKey",
     "MemoryLockError",
     "NoUsableKeyError",
+    "SecretMetadata",
     "SecureBuffer",
+    "ServiceStatus",
+    "VaultAuthSettings",
+    "VersionInfo",
     "build_ring",
     "compute_checksum",
     "derive_kek",
@@ -58,5 +103,6 @@ __all__ = [
     "new_key_id",
     "next_liveness_change",
     "parse_record",
+    "previous_stays_live",
     "wipe_bytearray",
 ]

@@ -14,9 +14,16 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "HealthTransitionError",
     "KeyCacheError",
     "KeyFileError",
     "KeyRecordError",
+    "KeyStoreConflict",
+    "KeyStoreError",
+    "KeyStoreForbidden",
+    "KeyStoreNotFound",
+    "KeyStoreSealed",
+    "KeyStoreUnavailable",
     "MemoryLockError",
     "NoUsableKeyError",
 ]
@@ -64,3 +71,70 @@ class NoUsableKeyError(KeyCacheError):
 
     code: ClassVar[str] = "no_usable_key"
     status: ClassVar[int] = 503
+
+
+class KeyStoreError(KeyCacheError):
+    """The key store (Vault/OpenBao) refused or could not answer a request. Base of the
+    store errors below; raised as is for a request the store rejected as malformed.
+
+    The watcher keeps serving the keys it holds on every KeyStoreError and reports the
+    store as unhealthy; an admin call (``keys rotate``) reports it to its caller. Messages
+    name the operation, the service and the reason, never a secret or the Vault token.
+    """
+
+    code: ClassVar[str] = "key_store_error"
+    status: ClassVar[int] = 502
+
+
+class KeyStoreUnavailable(KeyStoreError):
+    """The store is down, unreachable, timed out, answered 5xx/429 or an unexpected
+    redirect, or failed TLS verification. Transient: retry with backoff."""
+
+    code: ClassVar[str] = "key_store_unavailable"
+    status: ClassVar[int] = 503
+
+
+class KeyStoreSealed(KeyStoreUnavailable):
+    """The store answered 503 *sealed*: it is up but cannot serve until an operator
+    unseals it. Retry with backoff; alert a human."""
+
+    code: ClassVar[str] = "key_store_sealed"
+    status: ClassVar[int] = 503
+
+
+class KeyStoreForbidden(KeyStoreError):
+    """The store refused our identity: 401/403 on a data path, a login refused, or no
+    usable credential (token file missing). Needs a policy or credential fix; retrying
+    faster does not help."""
+
+    code: ClassVar[str] = "key_store_forbidden"
+    status: ClassVar[int] = 502
+
+
+class KeyStoreNotFound(KeyStoreError):
+    """The path or version does not exist in the store (never written, deleted or
+    destroyed)."""
+
+    code: ClassVar[str] = "key_store_not_found"
+    status: ClassVar[int] = 404
+
+
+class KeyStoreConflict(KeyStoreError):
+    """A check-and-set write lost the race: the service's current version is not the one
+    the writer based its change on. ``current_version`` is the version the store holds now
+    (None if it could not be read back); re-read, decide again, retry with it."""
+
+    code: ClassVar[str] = "key_store_conflict"
+    status: ClassVar[int] = 409
+
+    def __init__(self, message: str, current_version: int | None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class HealthTransitionError(KeyCacheError):
+    """An event the key-store health table has no row for (a bug in the caller, e.g. an
+    event after the watcher stopped). Never caused by the store itself."""
+
+    code: ClassVar[str] = "invalid_health_transition"
+    status: ClassVar[int] = 500

@@ -10,7 +10,7 @@ secrets, so it belongs off the hot path (it does no I/O).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from itertools import pairwise
 
@@ -18,7 +18,14 @@ from keycache.errors import KeyRecordError, NoUsableKeyError
 from keycache.record import KeyMeta, parse_record
 from keycache.securemem import SecureBuffer, utf8_len
 
-__all__ = ["KeyRing", "LiveKey", "build_ring", "live_versions", "next_liveness_change"]
+__all__ = [
+    "KeyRing",
+    "LiveKey",
+    "build_ring",
+    "live_versions",
+    "next_liveness_change",
+    "previous_stays_live",
+]
 
 #: How many versions a ring holds at most: the newest (*next*) and, during the overlap
 #: window, the one before it (*current*). DESIGN.md "Vault layout".
@@ -100,6 +107,15 @@ class KeyRing:
         return f"{self.service}: no live key is activated yet"
 
 
+def previous_stays_live(newest: KeyMeta, now: datetime, overlap: timedelta) -> bool:
+    """True if the version before ``newest`` is still live at ``now``: the overlap window
+    (``newest.created_at + overlap``) is open, or ``newest`` is not usable (not activated
+    yet, or expired). The rule :func:`live_versions` applies; exposed so a caller that
+    has only the newest version's public metadata (the Vault watcher) can decide whether
+    it needs the previous version's secret at all. Pure."""
+    return now < newest.created_at + overlap or not newest.usable(now)
+
+
 def live_versions(
     versions_meta: Sequence[tuple[int, KeyMeta]], now: datetime, overlap: timedelta
 ) -> list[int]:
@@ -124,7 +140,7 @@ def live_versions(
     if len(ordered) == 1:
         return [newest_version]
     previous_version = ordered[-2][0]
-    if now < newest.created_at + overlap or not newest.usable(now):
+    if previous_stays_live(newest, now, overlap):
         return [previous_version, newest_version]
     return [newest_version]
 
@@ -155,6 +171,8 @@ def build_ring(
     now: datetime,
     overlap: timedelta,
     require_lock: bool = False,
+    created_times: Mapping[int, datetime] | None = None,
+    carried: Sequence[LiveKey] = (),
 ) -> KeyRing:
     """Validate every record, choose the live versions (:func:`live_versions`) and copy
     their secrets and passphrases into one fresh :class:`SecureBuffer`.
@@ -163,6 +181,16 @@ def build_ring(
     are not live are never copied. Raises KeyRecordError (naming service, version and
     field) for any invalid record, ValueError for duplicate versions, MemoryLockError if
     ``require_lock`` and the buffer cannot be locked. No I/O; not for the hot path.
+
+    Two optional inputs serve the Vault watcher (the file store passes neither):
+
+    - ``created_times`` maps a version to the moment the *store* created it (Vault's
+      ``created_time`` metadata). Where given, it replaces the record's ``created_at``
+      when deciding liveness and ``rebuild_at`` (DESIGN.md: the overlap window runs from
+      the new version's Vault ``created_time``); the keys keep their record metadata.
+    - ``carried`` are keys of a live ring, already validated, whose secrets are copied
+      buffer to buffer (no ``str`` copy) instead of being read again from the store. Their
+      ring must not be retired during the call (a released view raises ValueError).
     """
     parsed: dict[int, tuple[KeyMeta, str, str | None]] = {}
     for version, record in versions:
@@ -173,11 +201,27 @@ def build_ring(
         if version in parsed:
             raise ValueError(f"{service}: duplicate key version {version}")
         parsed[version] = parsed_record
+    held: dict[int, LiveKey] = {}
+    for key in carried:
+        if key.version in parsed or key.version in held:
+            raise ValueError(f"{service}: duplicate key version {key.version}")
+        held[key.version] = key
+    times = created_times or {}
     metas = [(version, p[0]) for version, p in parsed.items()]
-    live = live_versions(metas, now, overlap)
+    metas += [(version, key.meta) for version, key in held.items()]
+    liveness = [
+        (version, replace(meta, created_at=times[version]) if version in times else meta)
+        for version, meta in metas
+    ]
+    live = live_versions(liveness, now, overlap)
 
     total = 0
     for version in live:
+        if version in held:
+            key = held[version]
+            total += key.secret.nbytes
+            total += key.passphrase.nbytes if key.passphrase is not None else 0
+            continue
         _, secret, passphrase = parsed[version]
         total += utf8_len(secret)
         if passphrase is not None:
@@ -188,6 +232,12 @@ def build_ring(
     try:
         keys: list[LiveKey] = []
         for version in live:
+            if version in held:
+                old = held[version]
+                secret_view = buffer.store(old.secret)
+                pass_view = buffer.store(old.passphrase) if old.passphrase is not None else None
+                keys.append(LiveKey(service, version, old.meta, secret_view, pass_view))
+                continue
             meta, secret, passphrase = parsed[version]
             secret_view = buffer.store_text(secret)
             pass_view = buffer.store_text(passphrase) if passphrase is not None else None
@@ -203,5 +253,5 @@ def build_ring(
         service=service,
         keys=tuple(keys),
         buffer=buffer,
-        rebuild_at=next_liveness_change(metas, now, overlap),
+        rebuild_at=next_liveness_change(liveness, now, overlap),
     )
