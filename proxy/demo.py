@@ -35,7 +35,7 @@ SEED_POLICY_FILE = Path(__file__).parent / "seed_policy.yaml"
 PERMISSIONS = ["read_market_data", "place_orders", "cancel_orders", "read_account_info"]
 
 
-def test_key_id() -> str:
+def random_key_id() -> str:
     """A random 64-character key id, shaped like a Binance API key. Never a real key."""
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(64))
@@ -48,7 +48,7 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
     out: dict[str, tuple[dict[str, object], dict[str, str] | None]] = {}
 
     hmac_secret = secrets.token_urlsafe(48)
-    kid = test_key_id()
+    kid = random_key_id()
     out["binance_hmac"] = (
         make_record(
             kid, hmac_secret, created_at=created, expires_at=expires, permissions=PERMISSIONS
@@ -71,7 +71,7 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
             )
             .decode()
         )
-        kid = test_key_id()
+        kid = random_key_id()
         out[name] = (
             make_record(
                 kid,
@@ -85,7 +85,7 @@ def make_test_keys() -> dict[str, tuple[dict[str, object], dict[str, str] | None
         )
     out["binance_unregistered"] = (
         make_record(
-            test_key_id(),
+            random_key_id(),
             secrets.token_urlsafe(48),
             created_at=created,
             expires_at=expires,

@@ -21,7 +21,7 @@ from typing import Any
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
 from keycache.ring import KeyRing, build_ring
-from keycache.vault import VaultSource, scrub_record
+from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
 from proxy.clock import ClockSync
 from proxy.config import Config, FileStoreConfig
@@ -149,7 +149,6 @@ class Sidecar:
             clock=lambda: datetime.now(UTC),
             on_ring=self._on_ring,
             on_event=self.log,
-            scrub=scrub_record,
         )
         await watcher.load_all()
         return watcher

@@ -170,12 +170,12 @@ async def test_key_rejected_falls_back_to_the_other_key_of_the_overlap(
     from datetime import UTC, datetime, timedelta
 
     from keycache.record import make_record
-    from proxy.demo import PERMISSIONS, binance_service, test_key_id
+    from proxy.demo import PERMISSIONS, binance_service, random_key_id
 
     known, _ = venue.keys["binance_hmac"]
     now = datetime.now(UTC).replace(microsecond=0)
     newer = make_record(
-        test_key_id(),
+        random_key_id(),
         "not-registered-at-the-venue",
         created_at=now - timedelta(minutes=1),
         expires_at=now + timedelta(days=30),

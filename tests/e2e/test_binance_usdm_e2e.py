@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from keycache.record import make_record
 from proxy.demo import PERMISSIONS
-from proxy.demo import test_key_id as binance_like_key_id
+from proxy.demo import random_key_id as binance_like_key_id
 from proxy.procs import Proc, simulator_argv
 from proxy.signers import VENUES, Rejection
 from tests.e2e.conftest import Sidecars
