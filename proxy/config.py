@@ -50,6 +50,9 @@ class ListenConfig:
 class AdminConfig:
     address: str
     port: int
+    # The admin token (bearer) for state-changing calls such as revoking a key; without
+    # it those calls are refused. Read-only endpoints need no token (loopback only).
+    token_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,11 +393,15 @@ class _Validator:
         )
 
     def admin(self, value: Any, path: str) -> AdminConfig:
-        m = self.mapping(value, path, {"address", "port"})
+        m = self.mapping(value, path, {"address", "port", "token_file"})
         addr = self.req(m, "address", path, lambda v, p: self.address(v, p, unix_ok=False))
         if not ipaddress.ip_address(addr).is_loopback:
             raise ConfigError(_join(path, "address"), "the admin API listens on loopback only")
-        return AdminConfig(address=addr, port=self.opt(m, "port", path, self.ranged(0, 65535), 0))
+        return AdminConfig(
+            address=addr,
+            port=self.opt(m, "port", path, self.ranged(0, 65535), 0),
+            token_file=self.opt(m, "token_file", path, self.filepath, None),
+        )
 
     def keystore(self, value: Any, path: str) -> KeystoreConfig:
         m = self.mapping(value, path, {"backend", "file", "vault"})
