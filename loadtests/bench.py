@@ -130,6 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATH",
         help="the authproxy executable (default: the one next to this Python)",
     )
+    p.add_argument(
+        "--metrics-ab",
+        action="store_true",
+        help="also run a second sidecar with admin.metrics: false (path 'nometric') in the "
+        "same rounds, and report what the per-request metrics cost",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directory")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -359,6 +365,29 @@ def run(args: argparse.Namespace, run_dir: Path, stack: contextlib.ExitStack) ->
                 _order_request(sidecar.ROUTE + VENUE_PATH, host),
             )
         )
+        if args.metrics_ab:
+            ab_dir = run_dir / "nometric"
+            ab_dir.mkdir()
+            ab_config = sidecar.render_config(
+                ab_dir, upstream.port, tls.ca_cert, policy, args.sidecar_extra_config
+            )
+            ab_config["admin"]["metrics"] = False
+            try:
+                ab_path = sidecar.prepare(exe, ab_dir, ab_config)
+                ab = sidecar.start(exe, ab_path, ab_dir, server_cpu)
+            except sidecar.SidecarError as exc:
+                _fail(f"second sidecar (metrics off) unavailable: {exc}", exc.output)
+                return EXIT_SIDECAR
+            stack.callback(_stop_sidecar, ab)
+            servers["nometric"] = {"port": ab.port, "pids": [ab.proc.pid], "metrics": False}
+            targets.append(
+                Target(
+                    "nometric",
+                    LOOPBACK,
+                    ab.port,
+                    _order_request(sidecar.ROUTE + VENUE_PATH, f"{LOOPBACK}:{ab.port}"),
+                )
+            )
 
     if not _probe_all(targets, running):
         return EXIT_PROBE
@@ -393,6 +422,13 @@ def run(args: argparse.Namespace, run_dir: Path, stack: contextlib.ExitStack) ->
     ratio = report.added_ratio(added)
     print()
     print(report.format_report(summaries, added, ratio))
+    on, off = summaries.get("sidecar"), summaries.get("nometric")
+    if on is not None and off is not None and on.count and off.count:
+        print(
+            f"\nmetrics cost (sidecar minus nometric, same rounds): "
+            f"p50 {on.p50_us - off.p50_us:+.1f} us, mean {on.mean_us - off.mean_us:+.2f} us, "
+            f"p99 {on.p99_us - off.p99_us:+.1f} us"
+        )
     if outcome.deadline_hit:
         print(
             f"\nWARNING: --max-seconds reached after {outcome.rounds_done} of {args.rounds} "

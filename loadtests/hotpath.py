@@ -5,7 +5,10 @@ transports: request bytes in, signed bytes out, response bytes in, response byte
 What it reports is the CPU the sidecar spends per request in Python and C, without the
 syscalls and the scheduler, which the end-to-end benchmark (``loadtests.bench``) shows.
 
-    python -m loadtests.hotpath [--requests N]
+    python -m loadtests.hotpath [--requests N] [--metrics {on,off,both}]
+
+``--metrics both`` (the default) runs with and without the per-request observations
+(``admin.metrics``) interleaved and reports the difference.
 
 Times on shared machines are noisy; instruction counts are not. Per request, in
 instructions (the difference of two request counts cancels start-up):
@@ -25,6 +28,7 @@ from typing import Any
 from keycache.record import make_record
 from keycache.ring import build_ring
 from proxy.config import ServiceConfig
+from proxy.metrics import Metrics
 from proxy.runtime import new_event_loop
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
@@ -72,7 +76,7 @@ class FakeTransport:
 
 
 def build(
-    loop: asyncio.AbstractEventLoop,
+    loop: asyncio.AbstractEventLoop, metrics: bool = False
 ) -> tuple[ClientConnection, UpstreamConnection, FakeTransport, FakeTransport]:
     now = datetime.now(UTC)
     record = make_record(
@@ -102,16 +106,18 @@ def build(
     upstream = UpstreamConnection(pool)
     upstream.connection_made(up_transport)  # type: ignore[arg-type]
     pool.idle.append(upstream)
-    client = ClientConnection(Router({"bench": runtime}, max_body=1 << 20))
+    if metrics:
+        runtime.metrics = Metrics(["bench"]).services["bench"]
+    client = ClientConnection(Router({"bench": runtime}, max_body=1 << 20, metrics=metrics))
     client.connection_made(client_transport)  # type: ignore[arg-type]
     return client, upstream, client_transport, up_transport
 
 
-def run(n: int) -> float:
+def run(n: int, metrics: bool = False) -> float:
     loop = new_event_loop()  # uvloop, as in the sidecar
     asyncio.set_event_loop(loop)
     try:
-        client, upstream, ct, ut = build(loop)
+        client, upstream, ct, ut = build(loop, metrics)
         for _ in range(1000):  # warm-up
             client.data_received(REQUEST)
             upstream.data_received(RESPONSE)
@@ -134,9 +140,26 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=5, help="report the best of this many runs (1 under valgrind)"
     )
+    parser.add_argument(
+        "--metrics",
+        choices=("on", "off", "both"),
+        default="both",
+        help="per-request metric observations on, off, or both interleaved (default)",
+    )
     args = parser.parse_args()
-    best = min(run(args.requests) for _ in range(args.repeat))
-    print(f"hot path CPU per request (best of {args.repeat} x {args.requests}): {best:.2f} µs")
+    modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.metrics]
+    best = {m: float("inf") for m in modes}
+    for _ in range(args.repeat):
+        for m in modes:
+            best[m] = min(best[m], run(args.requests, m))
+    for m in modes:
+        label = "with metrics" if m else "without metrics"
+        print(
+            f"hot path CPU per request, {label} (best of {args.repeat} x {args.requests}): "
+            f"{best[m]:.2f} µs"
+        )
+    if len(modes) == 2:
+        print(f"metrics cost per request: {best[True] - best[False]:.2f} µs")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ class AdminConfig:
     # The admin token (bearer) for state-changing calls such as revoking a key; without
     # it those calls are refused. Read-only endpoints need no token (loopback only).
     token_file: Path | None = None
+    # Per-request metrics on the hot path (/metrics still serves the scrape-time gauges
+    # when off); the switch lets loadtests.bench measure what the observations cost.
+    metrics: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +396,7 @@ class _Validator:
         )
 
     def admin(self, value: Any, path: str) -> AdminConfig:
-        m = self.mapping(value, path, {"address", "port", "token_file"})
+        m = self.mapping(value, path, {"address", "port", "token_file", "metrics"})
         addr = self.req(m, "address", path, lambda v, p: self.address(v, p, unix_ok=False))
         if not ipaddress.ip_address(addr).is_loopback:
             raise ConfigError(_join(path, "address"), "the admin API listens on loopback only")
@@ -401,6 +404,7 @@ class _Validator:
             address=addr,
             port=self.opt(m, "port", path, self.ranged(0, 65535), 0),
             token_file=self.opt(m, "token_file", path, self.filepath, None),
+            metrics=self.opt(m, "metrics", path, self.boolean, True),
         )
 
     def keystore(self, value: Any, path: str) -> KeystoreConfig:

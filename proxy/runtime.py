@@ -14,19 +14,24 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
+from keycache.health import HealthState
+from keycache.record import compute_checksum
 from keycache.ring import KeyRing, build_ring
 from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
+from proxy.admin import AdminApi
 from proxy.clock import ClockSync
 from proxy.config import Config, FileStoreConfig
-from proxy.errors import ConfigError, ProxyError
+from proxy.errors import ConfigError, NoUsableKey, ProxyError
 from proxy.logs import EventLog
+from proxy.metrics import KeyGauge, Metrics, StoreGauge
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
 from proxy.signers import SignerContext
@@ -38,6 +43,13 @@ DRAIN_TIMEOUT_S = 5.0
 RETIRE_GRACE_S = 1.0
 # Venues whose nonce must only grow, kept across restarts under state_dir.
 NONCE_VENUES = frozenset({"kraken", "gemini"})  # how long SIGTERM waits for in-flight requests
+# How often the event-loop lag is sampled: a sleep's overshoot is the lag.
+LOOP_LAG_INTERVAL_S = 0.5
+# /readyz tolerates a key store out of sync for this many poll intervals (a blip in Vault
+# must not take every sidecar out of service; the last good keys keep serving), and at
+# least READY_GRACE_MIN_S.
+READY_GRACE_POLLS = 10
+READY_GRACE_MIN_S = 30.0
 
 
 class StartupError(ProxyError):
@@ -130,6 +142,10 @@ class Sidecar:
         self.context: SignerContext | None = None
         self._generation: dict[str, int] = {}
         self._swaps: set[asyncio.Task[None]] = set()
+        self.metrics = Metrics(config.services)
+        self.router: Router | None = None
+        self.serving = False
+        self._fallbacks_logged: set[tuple[str, str, str]] = set()
 
     # -- the Vault backend: load at start, then swap rings as the watcher publishes them --
 
@@ -193,6 +209,8 @@ class Sidecar:
         if self._generation.get(runtime.name) != generation:
             return  # a newer ring arrived while this one was being built
         runtime.keys = keys
+        rotations = self.metrics.state.rotations
+        rotations[runtime.name] = rotations.get(runtime.name, 0) + 1
         self.log("keys_swapped", service=runtime.name, key_ids=list(ring.key_ids()))
         if retired is not None:
             asyncio.get_running_loop().call_later(RETIRE_GRACE_S, retired.retire)
@@ -251,13 +269,20 @@ class Sidecar:
             self.watcher = watcher
             background.append(loop.create_task(watcher.run()))
 
+        admin_cfg = self.config.admin
+        metrics_on = admin_cfg is not None and admin_cfg.metrics
+        if metrics_on:
+            for svc in self.services.values():
+                svc.metrics = self.metrics.services[svc.name]
         router = Router(
             self.services,
             max_body=self.config.listen.max_body_bytes,
-            on_fallback=lambda service, used, other: self.log(
-                "key_fallback", service=service, refused_key_id=used, retried_key_id=other
-            ),
+            on_fallback=self._on_fallback,
+            metrics=metrics_on,
         )
+        self.router = router
+        self._bind_state()
+        background.append(loop.create_task(self._sample_loop_lag()))
         listen = self.config.listen
         if listen.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -277,6 +302,12 @@ class Sidecar:
             )
             host, port = server.sockets[0].getsockname()[:2]
             bound = {"address": host, "port": port}
+        admin: AdminApi | None = None
+        ready_info: dict[str, Any] = {"event": "ready", "listen": bound}
+        if admin_cfg is not None:
+            admin = AdminApi(self, admin_cfg.token_file)
+            host, port = await admin.start(admin_cfg.address, admin_cfg.port)
+            ready_info["admin"] = {"address": host, "port": port}
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         # Everything allocated so far lives for the whole run: move it out of the cyclic
@@ -284,12 +315,16 @@ class Sidecar:
         # in the middle of a request (measured: see loadtests/hotpath.py).
         gc.collect()
         gc.freeze()
-        self.log("ready", listen=bound)
-        self.ready_cb({"event": "ready", "listen": bound})
+        self.serving = True
+        self.log("ready", {k: v for k, v in ready_info.items() if k != "event"})
+        self.ready_cb(ready_info)
         try:
             await self.stopping.wait()
         finally:
+            self.serving = False
             self.log("draining")
+            if admin is not None:
+                await admin.close()
             for task in background:
                 task.cancel()
             server.close()
@@ -303,6 +338,188 @@ class Sidecar:
             for ring in self.rings.values():
                 ring.retire()
             self.log("stopped")
+
+    def _on_fallback(self, service: str, used: str, other: str) -> None:
+        """Log a fallback once per (service, refused key, retried key), never per
+        request: the count is authproxy_key_fallbacks_total."""
+        pair = (service, used, other)
+        if pair not in self._fallbacks_logged:
+            self._fallbacks_logged.add(pair)
+            self.log("key_fallback", service=service, refused_key_id=used, retried_key_id=other)
+
+    # -- read-outs for the admin API and the metrics (on the loop, never blocking) -------
+
+    def _bind_state(self) -> None:
+        state = self.metrics.state
+        state.keys = self._key_gauge
+        state.store = self._store_gauge
+        state.fallbacks = lambda s: self.services[s].fallbacks
+        state.clock_offset_ms = lambda s: float(self.services[s].clock_offset_ms)
+        state.upstream_connections = self._pool_size
+        state.engine_connections = lambda: self.router.connections if self.router else 0
+        state.ready = lambda: self.readiness()[0]
+        source = self.source
+        if source is not None:
+            state.vault_token_ttl = source.token_ttl
+
+    def _pool_size(self, service: str) -> int:
+        pool = self.services[service].pool
+        return pool.size if isinstance(pool, UpstreamPool) else 0
+
+    def _key_gauge(self, service: str) -> KeyGauge:
+        keys = self.services[service].keys
+        if keys is None or not keys.ring.keys:
+            return KeyGauge(0, None, None, keys.ring.buffer.locked if keys else None)
+        newest = keys.ring.keys[-1].meta
+        activates = newest.activates_at or newest.created_at
+        return KeyGauge(
+            len(keys.ring.keys),
+            newest.expires_at.timestamp(),
+            activates.timestamp(),
+            keys.ring.buffer.locked,
+        )
+
+    def _store_gauge(self, service: str) -> StoreGauge | None:
+        if self.watcher is None:
+            return None
+        snap = self.watcher.health(service)
+        return StoreGauge(
+            snap.state.value,
+            snap.last_sync.timestamp() if snap.last_sync is not None else None,
+            {event.value: count for event, count in snap.error_counts.items()},
+        )
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    def has_service(self, service: str) -> bool:
+        return service in self.services
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: serving, every service has a usable key and a warm upstream pool, and
+        its key store is in sync or out of sync for less than the grace period."""
+        now = time.time()
+        problems: dict[str, str] = {}
+        grace = READY_GRACE_MIN_S
+        vault = self.config.keystore.vault
+        if vault is not None:
+            grace = max(grace, READY_GRACE_POLLS * vault.poll_interval_ms / 1000)
+        for name, svc in self.services.items():
+            if svc.keys is None:
+                problems[name] = "no keys loaded"
+                continue
+            try:
+                svc.keys.signer_for(now)
+            except NoUsableKey:
+                problems[name] = "no usable key"
+                continue
+            if self._pool_size(name) == 0:
+                problems[name] = "upstream pool not warm"
+                continue
+            if self.watcher is not None:
+                snap = self.watcher.health(name)
+                if snap.state is not HealthState.IN_SYNC:
+                    last = snap.last_sync.timestamp() if snap.last_sync else None
+                    if not snap.ready or last is None or now - last > grace:
+                        problems[name] = f"key store {snap.state.value}"
+        if not self.serving:
+            problems["sidecar"] = "not serving"
+        return not problems, {"problems": problems}
+
+    def keys_report(self) -> dict[str, Any]:
+        """Per service: the live keys' public metadata and state. Never a secret."""
+        now_dt = datetime.now(UTC)
+        report: dict[str, Any] = {}
+        for name, svc in self.services.items():
+            keys = svc.keys
+            ring = keys.ring if keys is not None else None
+            signing = None
+            if ring is not None:
+                with contextlib.suppress(KeyCacheError):
+                    signing = ring.signing_key(now_dt)
+            entries = []
+            for key in ring.keys if ring is not None else ():
+                meta = key.meta
+                if meta.expired(now_dt):
+                    state = "expired"
+                elif not meta.activated(now_dt):
+                    state = "staged"
+                elif key is signing:
+                    state = "active"
+                else:
+                    state = "retiring"
+                entries.append(
+                    {
+                        "key_id": meta.key_id,
+                        "version": key.version,
+                        "state": state,
+                        "algorithm": meta.algorithm,
+                        "created_at": meta.created_at_raw,
+                        "expires_at": meta.expires_at_raw,
+                        "activates_at": meta.activates_at.isoformat()
+                        if meta.activates_at
+                        else None,
+                        "checksum_ok": compute_checksum(
+                            meta.key_id, meta.created_at_raw, meta.expires_at_raw, meta.permissions
+                        )
+                        == meta.checksum,
+                    }
+                )
+            entry: dict[str, Any] = {
+                "keys": entries,
+                "memory_locked": ring.buffer.locked if ring is not None else None,
+                "fallbacks": svc.fallbacks,
+            }
+            if self.watcher is not None:
+                st = self.watcher.status(name)
+                entry["store"] = {
+                    "state": st.health.state.value,
+                    "last_sync": st.last_sync.isoformat() if st.last_sync else None,
+                    "revoked_key_ids": sorted(st.revoked_key_ids),
+                }
+            report[name] = entry
+        return {"backend": self.config.keystore.backend, "services": report}
+
+    async def revoke(self, service: str, key_id: str) -> bool:
+        """Drop ``key_id`` from ``service``'s keys at once; True if a live key was dropped.
+        Returns once the new ring signs (the old one is wiped RETIRE_GRACE_S later)."""
+        if self.watcher is not None:
+            dropped = await self.watcher.revoke_now(service, key_id)
+        else:
+            ring = self.rings.get(service)
+            if ring is None or key_id not in ring.key_ids():
+                self.log("key_revoked", service=service, key_id=key_id, held=False)
+                return False
+            keep = [k for k in ring.keys if k.key_id != key_id]
+            overlap = timedelta(
+                hours=self.config.api_key_policy.global_settings.rotation_overlap_hours
+            )
+            new = await asyncio.to_thread(
+                build_ring,
+                service,
+                (),
+                now=datetime.now(UTC),
+                overlap=overlap,
+                require_lock=self.config.memory.require_memory_lock,
+                carried=keep,
+            )
+            self.log("key_revoked", service=service, key_id=key_id, held=True)
+            self._on_ring(service, new, ring)
+            dropped = True
+        if dropped:
+            revocations = self.metrics.state.revocations
+            revocations[service] = revocations.get(service, 0) + 1
+        if self._swaps:
+            await asyncio.gather(*list(self._swaps), return_exceptions=True)
+        return dropped
+
+    async def _sample_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        lag = self.metrics.state.loop_lag_s
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LOOP_LAG_INTERVAL_S)
+            lag[0] = max(0.0, loop.time() - start - LOOP_LAG_INTERVAL_S)
 
 
 class _FutureSink:

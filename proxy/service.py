@@ -14,6 +14,7 @@ from keycache.ring import KeyRing, LiveKey
 from proxy.config import ServiceConfig
 from proxy.errors import BadRequest, NoUsableKey
 from proxy.http11 import build_request, drop_set, forwardable_headers, normalize_target_part
+from proxy.metrics import ServiceMetrics
 from proxy.signers import VENUES, KeySigner, SignerContext, Venue
 
 # Headers an engine may send that never reach a venue: hop-by-hop and framing headers,
@@ -105,6 +106,7 @@ class ServiceRuntime:
         "fallbacks",
         "host_line",
         "keys",
+        "metrics",
         "name",
         "pool",
         "route",
@@ -125,6 +127,8 @@ class ServiceRuntime:
         # venue clock minus ours, from proxy.clock; added to every timestamp we sign
         self.clock_offset_ms = 0
         self.fallbacks = 0  # requests re-signed with the other key of an overlap pair
+        # proxy.metrics.ServiceMetrics, bound at start-up when metrics are on
+        self.metrics: ServiceMetrics | None = None
 
     def prepare(
         self,

@@ -1,0 +1,273 @@
+"""Prometheus metrics: the only module that imports ``prometheus_client``.
+
+The hot path never calls prometheus_client. Per request it touches only plain slotted
+objects bound once per service at start-up (``ServiceMetrics``): a histogram observation
+is one ``bisect`` over a tuple of integer nanosecond bounds and two integer additions, a
+counter is one integer addition. Everything is read and converted to Prometheus families
+at scrape time by ``SidecarCollector`` (on the loop, from the admin handler).
+
+Labels are service names and fixed outcome words only: never a secret, never a key id.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+PREFIX = "authproxy_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Histogram upper bounds in nanoseconds: 1-2-5 steps from 10 µs to 1 s (DESIGN.md:
+#: "buckets fine enough for tens of microseconds"; the sidecar's own overhead is ~10-50 µs).
+BUCKETS_NS: tuple[int, ...] = (
+    *(m * 10**e for e in range(4, 9) for m in (1, 2, 5)),
+    10**9,
+)
+
+#: Request outcomes (stable label values).
+OUTCOMES = ("ok", "venue_error", "rejected", "upstream_failed", "rate_limited")
+
+
+class Histogram:
+    """A fixed-bucket histogram over integer nanoseconds. ``observe`` runs on the loop
+    (no lock: the loop is the only writer; a scrape reads on the loop too)."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[int, ...] = BUCKETS_NS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.total = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(self.bounds, ns)] += 1
+        self.total += ns
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs in seconds, +Inf last."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((_le(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _le(ns: int) -> str:
+    return repr(ns / 1e9)
+
+
+class ServiceMetrics:
+    """One service's request metrics, bound once at start-up (hot path: attribute access
+    and integer arithmetic only)."""
+
+    __slots__ = (
+        "duration",
+        "name",
+        "outcomes",
+        "overhead",
+        "rate_limited",
+        "signing",
+        "upstream",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.duration = Histogram()  # whole time in the sidecar
+        self.overhead = Histogram()  # duration minus upstream time
+        self.signing = Histogram()
+        self.upstream = Histogram()
+        # outcome counts, indexed like OUTCOMES
+        self.outcomes = [0] * len(OUTCOMES)
+        self.rate_limited = 0  # rate-limit rejections (no limiter yet: stays 0)
+
+
+OK, VENUE_ERROR, REJECTED, UPSTREAM_FAILED, RATE_LIMITED = range(len(OUTCOMES))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGauge:
+    """What the collector shows about one service's keys (public data only)."""
+
+    live: int
+    expires: float | None  # epoch seconds of the newest live key's expiry
+    activates: float | None  # epoch seconds of the newest live key's activation
+    memory_locked: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreGauge:
+    """One service's key-store health (Vault watcher; the file backend has none)."""
+
+    state: str
+    last_sync: float | None  # epoch seconds
+    errors: Mapping[str, int]
+
+
+@dataclass
+class SidecarState:
+    """Read-outs the collector calls at scrape time; the runtime fills them in. Every
+    callable runs on the loop and must not block."""
+
+    services: Mapping[str, ServiceMetrics]
+    keys: Callable[[str], KeyGauge] = lambda _s: KeyGauge(0, None, None, None)
+    store: Callable[[str], StoreGauge | None] = lambda _s: None
+    fallbacks: Callable[[str], int] = lambda _s: 0
+    clock_offset_ms: Callable[[str], float] = lambda _s: 0.0
+    upstream_connections: Callable[[str], int] = lambda _s: 0
+    engine_connections: Callable[[], int] = lambda: 0
+    vault_token_ttl: Callable[[], float | None] = lambda: None
+    rotations: dict[str, int] = field(default_factory=dict)
+    revocations: dict[str, int] = field(default_factory=dict)
+    loop_lag_s: list[float] = field(default_factory=lambda: [0.0])
+    ready: Callable[[], bool] = lambda: False
+    started: float = field(default_factory=time.time)
+
+
+class SidecarCollector(Collector):
+    """Turns ``SidecarState`` into Prometheus families at scrape time."""
+
+    def __init__(self, state: SidecarState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.state
+        names = sorted(st.services)
+        p = PREFIX
+        hists = (
+            ("request_duration_seconds", "Whole time a request spends in the sidecar", "duration"),
+            (
+                "overhead_seconds",
+                "The sidecar's own time per request (total minus upstream)",
+                "overhead",
+            ),
+            ("signing_duration_seconds", "Time to choose a key and sign a request", "signing"),
+            ("upstream_duration_seconds", "Time from submit to the venue's answer", "upstream"),
+        )
+        for name, doc, attr in hists:
+            fam = HistogramMetricFamily(p + name, doc, labels=["service"])
+            for svc in names:
+                h: Histogram = getattr(st.services[svc], attr)
+                fam.add_metric([svc], h.buckets(), h.total / 1e9)
+            yield fam
+        req = CounterMetricFamily(
+            p + "requests", "Requests by service and outcome", labels=["service", "outcome"]
+        )
+        rl = CounterMetricFamily(
+            p + "rate_limit_rejections", "Requests refused by the rate limiter", labels=["service"]
+        )
+        fb = CounterMetricFamily(
+            p + "key_fallbacks", "Requests re-signed with the other key", labels=["service"]
+        )
+        rot = CounterMetricFamily(p + "rotations", "Key ring swaps", labels=["service"])
+        rev = CounterMetricFamily(p + "revocations", "Keys revoked at once", labels=["service"])
+        live = GaugeMetricFamily(p + "keys_live", "Live key versions held", labels=["service"])
+        exp = GaugeMetricFamily(
+            p + "key_expiry_timestamp_seconds", "Expiry of the newest live key", labels=["service"]
+        )
+        act = GaugeMetricFamily(
+            p + "key_activation_timestamp_seconds",
+            "Activation of the newest live key",
+            labels=["service"],
+        )
+        lock = GaugeMetricFamily(
+            p + "memory_locked", "1 if the service's key buffer is mlocked", labels=["service"]
+        )
+        offset = GaugeMetricFamily(
+            p + "venue_clock_offset_seconds",
+            "Venue clock minus ours, added to signed timestamps",
+            labels=["service"],
+        )
+        up = GaugeMetricFamily(
+            p + "upstream_connections", "Open connections to the venue", labels=["service"]
+        )
+        sync = GaugeMetricFamily(
+            p + "keystore_last_sync_timestamp_seconds",
+            "When the key store was last read successfully",
+            labels=["service"],
+        )
+        age = GaugeMetricFamily(
+            p + "keystore_sync_age_seconds",
+            "Seconds since the last successful sync",
+            labels=["service"],
+        )
+        in_sync = GaugeMetricFamily(
+            p + "keystore_in_sync", "1 if the key store is in sync", labels=["service"]
+        )
+        errs = CounterMetricFamily(
+            p + "keystore_errors", "Key-store sync errors by kind", labels=["service", "kind"]
+        )
+        now = time.time()
+        for svc in names:
+            m = st.services[svc]
+            for i, outcome in enumerate(OUTCOMES):
+                req.add_metric([svc, outcome], m.outcomes[i])
+            rl.add_metric([svc], m.rate_limited)
+            fb.add_metric([svc], st.fallbacks(svc))
+            rot.add_metric([svc], st.rotations.get(svc, 0))
+            rev.add_metric([svc], st.revocations.get(svc, 0))
+            k = st.keys(svc)
+            live.add_metric([svc], k.live)
+            if k.expires is not None:
+                exp.add_metric([svc], k.expires)
+            if k.activates is not None:
+                act.add_metric([svc], k.activates)
+            if k.memory_locked is not None:
+                lock.add_metric([svc], 1.0 if k.memory_locked else 0.0)
+            offset.add_metric([svc], st.clock_offset_ms(svc) / 1000)
+            up.add_metric([svc], st.upstream_connections(svc))
+            s = st.store(svc)
+            if s is None:  # the file backend is read once: always in sync
+                in_sync.add_metric([svc], 1.0)
+                continue
+            in_sync.add_metric([svc], 1.0 if s.state == "in_sync" else 0.0)
+            if s.last_sync is not None:
+                sync.add_metric([svc], s.last_sync)
+                age.add_metric([svc], max(0.0, now - s.last_sync))
+            for kind, count in sorted(s.errors.items()):
+                errs.add_metric([svc, kind], count)
+        yield from (req, rl, fb, rot, rev, live, exp, act, lock, offset, up)
+        yield from (sync, age, in_sync, errs)
+        eng = GaugeMetricFamily(p + "engine_connections", "Open connections from the engine")
+        eng.add_metric([], st.engine_connections())
+        yield eng
+        lag = GaugeMetricFamily(p + "event_loop_lag_seconds", "Last measured event-loop lag")
+        lag.add_metric([], st.loop_lag_s[0])
+        yield lag
+        ready = GaugeMetricFamily(p + "ready", "1 if /readyz would answer 200")
+        ready.add_metric([], 1.0 if st.ready() else 0.0)
+        yield ready
+        ttl = st.vault_token_ttl()
+        if ttl is not None:
+            t = GaugeMetricFamily(p + "vault_token_ttl_seconds", "Seconds left on the Vault token")
+            t.add_metric([], ttl)
+            yield t
+        start = GaugeMetricFamily(p + "start_time_seconds", "When the sidecar started")
+        start.add_metric([], st.started)
+        yield start
+
+
+class Metrics:
+    """The registry and the per-service children; built once at start-up."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self.services: dict[str, ServiceMetrics] = {s: ServiceMetrics(s) for s in services}
+        self.state = SidecarState(self.services)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SidecarCollector(self.state))
+
+    def render(self) -> bytes:
+        """The text exposition (on the loop; O(services * buckets))."""
+        return generate_latest(self.registry)

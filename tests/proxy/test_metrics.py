@@ -1,0 +1,141 @@
+"""proxy.metrics: histogram arithmetic, the exposition, the alert rules (promtool)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from proxy.metrics import BUCKETS_NS, OK, OUTCOMES, Histogram, KeyGauge, Metrics, StoreGauge
+from tests.prometheus_tools import ensure_prometheus
+
+MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
+
+
+def test_buckets_span_ten_microseconds_to_one_second() -> None:
+    assert BUCKETS_NS[0] == 10_000
+    assert BUCKETS_NS[-1] == 1_000_000_000
+    assert list(BUCKETS_NS) == sorted(set(BUCKETS_NS))
+
+
+def test_histogram_counts_each_value_in_its_bucket_cumulatively() -> None:
+    h = Histogram()
+    for ns in (5_000, 10_000, 10_001, 2_000_000_000):
+        h.observe(ns)
+    buckets = dict(h.buckets())
+    assert buckets["1e-05"] == 2  # le is inclusive
+    assert buckets["2e-05"] == 3
+    assert buckets["1.0"] == 3
+    assert buckets["+Inf"] == 4
+    assert h.total == 5_000 + 10_000 + 10_001 + 2_000_000_000
+
+
+def _metrics() -> Metrics:
+    m = Metrics(["svc_a", "svc_b"])
+    sm = m.services["svc_a"]
+    sm.outcomes[OK] += 3
+    sm.duration.observe(40_000)
+    sm.overhead.observe(15_000)
+    m.state.keys = lambda s: KeyGauge(1, 1.9e9, 1.7e9, True)
+    m.state.store = lambda s: StoreGauge("in_sync", 1.8e9, {"unreachable": 2})
+    m.state.vault_token_ttl = lambda: 3600.0
+    return m
+
+
+def test_exposition_has_the_contract_names_and_only_service_and_outcome_labels() -> None:
+    text = _metrics().render().decode()
+    for name in (
+        "authproxy_request_duration_seconds_bucket",
+        "authproxy_overhead_seconds_bucket",
+        "authproxy_signing_duration_seconds_count",
+        "authproxy_upstream_duration_seconds_count",
+        "authproxy_rate_limit_rejections_total",
+        "authproxy_key_fallbacks_total",
+        "authproxy_rotations_total",
+        "authproxy_revocations_total",
+        "authproxy_key_expiry_timestamp_seconds",
+        "authproxy_key_activation_timestamp_seconds",
+        "authproxy_keystore_sync_age_seconds",
+        "authproxy_keystore_errors_total",
+        "authproxy_vault_token_ttl_seconds",
+        "authproxy_memory_locked",
+        "authproxy_event_loop_lag_seconds",
+        "authproxy_engine_connections",
+        "authproxy_upstream_connections",
+        "authproxy_venue_clock_offset_seconds",
+    ):
+        assert name in text, name
+    assert 'authproxy_requests_total{outcome="ok",service="svc_a"} 3.0' in text
+    for outcome in OUTCOMES:
+        assert f'outcome="{outcome}",service="svc_b"' in text
+    labels = set()
+    for line in text.splitlines():
+        if "{" in line and not line.startswith("#"):
+            for pair in line[line.index("{") + 1 : line.index("}")].split(","):
+                labels.add(pair.split("=")[0])
+    assert labels == {"service", "outcome", "le", "kind"}
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    """promtool from Debian's prometheus package, installed when missing (never skipped)."""
+    return ensure_prometheus()[1]
+
+
+def test_exposition_passes_promtool_check_metrics(promtool: str) -> None:
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=_metrics().render(), capture_output=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alert_rules_pass_promtool_check_and_unit_tests(promtool: str) -> None:
+    check = subprocess.run(
+        [promtool, "check", "rules", "alerts.yml"],
+        cwd=MONITORING,
+        capture_output=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(
+        [promtool, "test", "rules", "alerts_test.yml"],
+        cwd=MONITORING,
+        capture_output=True,
+        check=False,
+    )
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    import yaml
+
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    tests = yaml.safe_load((MONITORING / "alerts_test.yml").read_text())
+    tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"]}
+    assert alerts == tested
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_sidecar_exports() -> None:
+    import json
+    import re
+
+    exported = set(re.findall(r"^(authproxy_\w+)", _metrics().render().decode(), re.M))
+    json.loads((MONITORING / "grafana-dashboard.json").read_text())  # valid JSON
+    for name in ("grafana-dashboard.json", "alerts.yml"):
+        used = set(re.findall(r"authproxy_\w+", (MONITORING / name).read_text()))
+        assert used, name
+        assert used <= exported, (name, used - exported)
+
+
+def test_admin_metrics_switch_defaults_on_and_can_be_turned_off(seed_policy_yaml: str) -> None:
+    from proxy.config import parse_config
+    from tests.proxy.test_config import BASE
+
+    assert parse_config(BASE + seed_policy_yaml).admin is not None
+    on = parse_config(BASE + seed_policy_yaml).admin
+    assert on is not None and on.metrics is True
+    text = BASE.replace("port: 9901}", "port: 9901, metrics: false}")
+    off = parse_config(text + seed_policy_yaml).admin
+    assert off is not None and off.metrics is False
