@@ -9,9 +9,10 @@ File layout (all integers one byte)::
     nonce  random, fresh on every save     12 bytes
     body   AES-256-GCM(plaintext JSON), the 40-byte header as associated data
 
-Plaintext: ``{"format": 1, "services": {"<service>": [{"version": 1, "record": {...}}]}}``
-with versions strictly increasing per service; each record is a key record
-(:mod:`keycache.record`).
+Plaintext: ``{"format": 1, "services": {"<service>": [{"version": 1, "record": {...}}]},
+"revoked": ["<key id>", ...]}`` with versions strictly increasing per service; each record
+is a key record (:mod:`keycache.record`). ``revoked`` (optional) is the revocation list:
+key ids that ``authproxy keys revoke`` removed and that may never be imported again.
 
 Everything here is blocking file I/O (and scrypt is deliberately slow): it must not run on
 the event loop; call it in a thread. Errors are KeyFileError (file, KEK, permissions,
@@ -300,7 +301,7 @@ def _decode_document(path: Path, doc: object) -> KeyFileData:
 
     if not isinstance(doc, dict):
         raise bad("document", "must be a JSON object")
-    unknown = set(doc) - {"format", "services"}
+    unknown = set(doc) - {"format", "services", "revoked"}
     if unknown:
         raise bad(sorted(unknown)[0], "unknown field")
     fmt = doc.get("format")
@@ -309,6 +310,9 @@ def _decode_document(path: Path, doc: object) -> KeyFileData:
     services = doc.get("services")
     if not isinstance(services, dict):
         raise bad("services", "must be a JSON object")
+    revoked = doc.get("revoked", [])
+    if not isinstance(revoked, list) or not all(isinstance(k, str) for k in revoked):
+        raise bad("revoked", "must be a list of key ids")
     out: KeyFileData = {}
     for service, entries in services.items():
         where = f"services.{service}"
@@ -333,7 +337,10 @@ def _decode_document(path: Path, doc: object) -> KeyFileData:
     return out
 
 
-def _encode_document(data: Mapping[str, Sequence[tuple[int, Mapping[str, object]]]]) -> object:
+def _encode_document(
+    data: Mapping[str, Sequence[tuple[int, Mapping[str, object]]]],
+    revoked: Sequence[str] = (),
+) -> object:
     services: dict[str, object] = {}
     for service, entries in data.items():
         if not SERVICE_NAME_RE.fullmatch(service):
@@ -346,7 +353,10 @@ def _encode_document(data: Mapping[str, Sequence[tuple[int, Mapping[str, object]
             previous = version
             encoded.append({"version": version, "record": dict(record)})
         services[service] = encoded
-    return {"format": FORMAT_VERSION, "services": services}
+    doc: dict[str, object] = {"format": FORMAT_VERSION, "services": services}
+    if revoked:
+        doc["revoked"] = sorted(set(revoked))
+    return doc
 
 
 def _check_service_name(service: str) -> None:
@@ -369,7 +379,16 @@ class KeyFile:
     All methods do blocking I/O (and scrypt): never call them on the event loop.
     """
 
-    __slots__ = ("_closed", "_derived", "_derived_for", "_kek", "_passphrase", "_path", "_scrypt")
+    __slots__ = (
+        "_closed",
+        "_derived",
+        "_derived_for",
+        "_kek",
+        "_passphrase",
+        "_path",
+        "_revoked",
+        "_scrypt",
+    )
 
     def __init__(
         self,
@@ -402,6 +421,7 @@ class KeyFile:
         self._scrypt = (scrypt_log2_n, scrypt_r, scrypt_p)
         self._derived: bytearray | None = None
         self._derived_for: tuple[bytes, int, int, int] | None = None
+        self._revoked: tuple[str, ...] = ()
         self._closed = False
 
     @property
@@ -565,9 +585,42 @@ class KeyFile:
             # Raised outside the except block: json's exception holds the whole plaintext
             # (.doc), so it must not even be reachable as __context__.
             raise KeyFileError(f"{self._path}: decrypted content {problem}")
-        return _decode_document(self._path, doc)
+        data = _decode_document(self._path, doc)
+        self._revoked = tuple(doc.get("revoked", ())) if isinstance(doc, dict) else ()
+        return data
 
-    def save(self, data: Mapping[str, Sequence[tuple[int, Mapping[str, object]]]]) -> None:
+    def load_revoked(self) -> tuple[str, ...]:
+        """The revocation list kept inside the encrypted file (key ids, sorted); empty if
+        the file does not exist. Raises KeyFileError as :meth:`load`. Blocking."""
+        self._check_open()
+        if not self.exists():
+            return ()
+        self.load()
+        return self._revoked
+
+    def save_revoked(self, revoked: Sequence[str]) -> None:
+        """Replace the revocation list, keeping every key version as it is. Blocking."""
+        self._check_open()
+        data = self.load() if self.exists() else {}
+        self.save(data, revoked=revoked)
+
+    def remove_versions(self, service: str, versions: Sequence[int]) -> None:
+        """Drop the given versions of ``service`` (absent ones are ignored) and save; the
+        revocation list is kept. Blocking."""
+        self._check_open()
+        data = self.load()
+        gone = set(versions)
+        data[service] = [(v, r) for v, r in data.get(service, []) if v not in gone]
+        if not data[service]:
+            del data[service]
+        self.save(data)
+
+    def save(
+        self,
+        data: Mapping[str, Sequence[tuple[int, Mapping[str, object]]]],
+        *,
+        revoked: Sequence[str] | None = None,
+    ) -> None:
         """Encrypt ``data`` (service -> [(version, record)], versions increasing) with a
         fresh nonce and replace the key file atomically (temp file 0600 in the same
         directory, fsync, rename, fsync the directory).
@@ -575,6 +628,7 @@ class KeyFile:
         Refuses (KeyFileError) to overwrite an existing file this key cannot decrypt, so a
         wrong passphrase can never destroy a key store. Raises ValueError for malformed
         ``data``. Records are not validated here (``add_version`` does that).
+        ``revoked`` replaces the revocation list; None keeps the one in the file.
         """
         self._check_open()
         if self.exists():
@@ -582,7 +636,9 @@ class KeyFile:
                 self.load()
             except KeyFileError as exc:
                 raise KeyFileError(f"refusing to overwrite: {exc}") from None
-        document = _encode_document(data)
+        else:
+            self._revoked = ()
+        document = _encode_document(data, self._revoked if revoked is None else revoked)
         header = self._new_header()
         key = self._key_for(header)
         header_bytes = header.pack()
@@ -609,6 +665,8 @@ class KeyFile:
         _check_service_name(service)
         meta, _, _ = parse_record(record)
         data = self.load() if self.exists() else {}
+        if self.exists() and meta.key_id in self._revoked:
+            raise KeyRecordError(f"key_id: {meta.key_id} is revoked and cannot be used again")
         entries = data.setdefault(service, [])
         for version, existing in entries:
             if existing.get("key_id") == meta.key_id:

@@ -64,7 +64,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,6 +125,9 @@ _PATH_SEGMENT_RE: Final = re.compile(r"[A-Za-z0-9_.-]+")
 #: Vault's answer when it is up but sealed (both Vault and OpenBao say "Vault is sealed").
 _SEALED_MARKER: Final = "sealed"
 _CAS_MARKER: Final = "check-and-set"
+#: The KV secret (under the prefix) that holds the revocation list. A leading "_" is not
+#: a valid service name, so it can never collide with a service's key.
+REVOKED_NAME: Final = "_revoked"
 #: How Vault/OpenBao say a token cannot be renewed (any more). OpenBao answers "past the
 #: max TTL, cannot renew" with HTTP 500: a refusal, not an outage.
 _RENEW_REFUSED_MARKERS: Final = ("max ttl", "cannot renew", "not renewable", "lease not found")
@@ -277,6 +280,20 @@ class _UnbufferedResponse(http.client.HTTPResponse):
         buffered = self.fp
         self.fp = sock.makefile("rb", buffering=0)  # type: ignore[assignment]
         buffered.close()  # nothing read from it yet; drops its socket reference
+
+    def _safe_readinto(self, b: memoryview) -> int:
+        # http.client (3.11) reads a chunk of a chunked body with ONE readinto and calls a
+        # short read an IncompleteRead: right for its BufferedReader, wrong for a raw
+        # socket, which returns one TLS record at a time. Loop until full (or EOF).
+        total = 0
+        with memoryview(b) as view:
+            while total < len(view):
+                n = self.fp.readinto(view[total:])
+                if not n:
+                    # Not the partial bytes (http.client's habit): they may be a secret.
+                    raise http.client.IncompleteRead(b"", len(view) - total)
+                total += n
+        return total
 
 
 class _SecretHTTPConnection(urllib3.connection.HTTPConnection):
@@ -783,6 +800,44 @@ class VaultSource:
                 path=path, versions=[version], mount_point=self._paths.mount
             ),
         )
+
+    def read_revoked(self) -> tuple[tuple[str, ...], int]:
+        """Read the revocation list kept at ``<mount>/data/<prefix>/_revoked`` (a name no
+        service can have): ``({"key_ids": [...]}`` -> (key ids, current version)); ((), 0)
+        if it was never written. Nothing secret. Blocking."""
+        kv = self._client.secrets.kv.v2
+        path = f"{self._paths.prefix}/{REVOKED_NAME}"
+
+        def call() -> tuple[tuple[str, ...], int]:
+            response = kv.read_secret_version(
+                path=path, mount_point=self._paths.mount, raise_on_deleted_version=True
+            )
+            data = _as_dict(_as_dict(response.json())["data"])
+            ids = _as_dict(data["data"]).get("key_ids", [])
+            version = int(_as_dict(data["metadata"])["version"])
+            if not isinstance(ids, list) or not all(isinstance(k, str) for k in ids):
+                raise ValueError("key_ids must be a list of strings")
+            return tuple(ids), version
+
+        try:
+            return self._call("read_revoked", None, call)
+        except KeyStoreNotFound:
+            return (), 0
+
+    def write_revoked(self, key_ids: Sequence[str], cas: int) -> int:
+        """Write the revocation list with check-and-set ``cas`` (0 = first write); return
+        the new version. KeyStoreConflict if another writer got there first. Blocking."""
+        kv = self._client.secrets.kv.v2
+        path = f"{self._paths.prefix}/{REVOKED_NAME}"
+        secret = {"key_ids": sorted(set(key_ids))}
+
+        def call() -> int:
+            response = kv.create_or_update_secret(
+                path=path, secret=secret, cas=cas, mount_point=self._paths.mount
+            )
+            return int(_as_dict(_as_dict(response.json())["data"])["version"])
+
+        return self._call("write_revoked", None, call)
 
     # -- used by _HvacAuth --------------------------------------------------------------
 

@@ -11,19 +11,26 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from keycache.errors import KeyCacheError
+from keycache.errors import KeyCacheError, KeyStoreConflict
 from keycache.filestore import KeyFile
+from keycache.record import KeyMeta
+from keycache.store import FileStore, KeyStore, VaultStore
+from proxy import lifecycle
+from proxy.audit import AuditLog
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, ProxyError
+from proxy.lifecycle import AdminSidecar, Context
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a runtime failure (startup, I/O)
 EXIT_CONFIG = 2  # invalid config or usage
 EXIT_KEYSTORE = 3  # the key store refused (bad record, cannot decrypt, permissions)
+EXIT_CONFLICT = 4  # a check-and-set lost: another writer changed the key first
+EXIT_VERIFY = 5  # keys verify found a problem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +59,45 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--service", required=True)
     lst = ksub.add_parser("list", help="list key metadata (never secrets)")
     lst.add_argument("--config", required=True, type=Path)
+    gen = ksub.add_parser(
+        "generate", help="make a key we issue, or a staged key pair (prints only the public key)"
+    )
+    gen.add_argument("--service", required=True)
+    gen.add_argument("--algorithm", choices=["ed25519", "rsa", "es256"])
+    act = ksub.add_parser("activate", help="activate a staged key pair under the venue's key id")
+    act.add_argument("--service", required=True)
+    act.add_argument(
+        "--key-id", required=True, help="the API key the venue gave for the public key"
+    )
+    rot = ksub.add_parser("rotate", help="write the next version (check-and-set)")
+    rot.add_argument("--service", required=True)
+    rot.add_argument("--emergency", action="store_true", help="revoke the old keys at once")
+    rot.add_argument(
+        "--from-stdin", action="store_true", help="the venue's new key record (JSON) on stdin"
+    )
+    rev = ksub.add_parser("revoke", help="remove a key, add it to the revocation list")
+    rev.add_argument("--service", required=True)
+    rev.add_argument("--key-id", required=True)
+    ver = ksub.add_parser("verify", help="check keys against the policy and the running sidecar")
+    sch = ksub.add_parser("schedule", help="report the seed's rotation-schedule JSON")
+    sch.add_argument("file", type=Path)
+    sch.add_argument("--today", type=date.fromisoformat, help="YYYY-MM-DD (default: today, UTC)")
+    for cmd in (imp, lst, gen, act, rot, rev, ver, sch):
+        if cmd is not imp and cmd is not lst:
+            cmd.add_argument("--config", required=cmd is not sch, type=Path)
+        cmd.add_argument(
+            "--audit-log",
+            type=Path,
+            help="audit log path (default: api_key_policy.audit.log_destination)",
+        )
+
+    rotator = sub.add_parser("rotator", help="scheduled rotation of the keys we issue")
+    rotator.add_argument("--config", required=True, type=Path)
+    rotator.add_argument("--once", action="store_true", help="one pass, then exit")
+    rotator.add_argument(
+        "--interval", type=float, default=60.0, help="seconds between passes (default 60)"
+    )
+    rotator.add_argument("--audit-log", type=Path)
 
     demo = sub.add_parser("demo", help="run a local venue simulator and the sidecar, send orders")
     demo.add_argument("--orders", type=int, default=2000)
@@ -66,9 +112,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"authproxy: config error: {exc}", file=sys.stderr)
         code = EXIT_CONFIG
+    except KeyStoreConflict as exc:
+        print(
+            f"authproxy: lost the race: another writer made version {exc.current_version} "
+            f"first ({exc.code})",
+            file=sys.stderr,
+        )
+        code = EXIT_CONFLICT
     except KeyCacheError as exc:
         print(f"authproxy: key store error ({exc.code}): {exc}", file=sys.stderr)
         code = EXIT_KEYSTORE
+    except OSError as exc:
+        print(f"authproxy: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        code = EXIT_FAILURE
     except ProxyError as exc:
         print(f"authproxy: {exc.code}: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
@@ -90,10 +146,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sign":
         return _sign(args)
     if args.command == "keys":
+        if args.keys_command == "schedule" and args.config is None:
+            return _keys_schedule(args, None)
         config = load_config(args.config)
-        if args.keys_command == "import":
-            return _keys_import(config, args.service)
-        return _keys_list(config)
+        if args.keys_command == "list":
+            return _keys_list(config)
+        return _keys_lifecycle(args, config)
+    if args.command == "rotator":
+        return _rotator(args, load_config(args.config))
     if args.command == "demo":
         from proxy.demo import run_demo
 
@@ -109,30 +169,140 @@ def _key_file(config: Config) -> KeyFile:
     return open_key_file(config.keystore.file, os.environ)
 
 
-def _keys_import(config: Config, service: str) -> int:
-    if service not in config.services:
-        raise ConfigError("services", f"no service named {service}")
+def _read_stdin_record() -> dict[str, object]:
     try:
         record = json.load(sys.stdin)
     except json.JSONDecodeError as exc:
         raise ConfigError("stdin", f"not a JSON key record ({exc.msg})") from None
     if not isinstance(record, dict):
         raise ConfigError("stdin", "must be one JSON object (a key record)")
-    keyfile = _key_file(config)
+    return record
+
+
+def _open_store(config: Config) -> KeyStore:
+    if config.keystore.backend == "vault":
+        from keycache.vault import VaultSource
+
+        assert config.keystore.vault is not None
+        return VaultStore(VaultSource.from_config(config.keystore.vault))
+    return FileStore(_key_file(config))
+
+
+def _audit_log(config: Config, override: Path | None) -> AuditLog:
+    audit = config.api_key_policy.audit
+    path = override
+    if path is None and audit.log_destination:
+        path = Path(audit.log_destination)
+    if path is not None and not path.parent.is_dir():
+        if override is not None:
+            raise ConfigError("--audit-log", f"directory {path.parent} does not exist")
+        # The policy's default (/var/log/hft) is absent on a workstation or in CI: say so
+        # on every run rather than refuse to work; syslog (if enabled) still gets it.
+        print(
+            f"authproxy: warning: audit log directory {path.parent} does not exist; "
+            "audit events go to syslog only (pass --audit-log PATH)",
+            file=sys.stderr,
+        )
+        path = None
+    facility = audit.syslog_facility if audit.syslog_enabled else None
+    return AuditLog(path, facility)
+
+
+def _context(config: Config, audit_override: Path | None) -> Context:
+    admin = config.admin
+    sidecar = AdminSidecar(
+        admin.address if admin else "127.0.0.1",
+        admin.port if admin else 0,
+        admin.token_file if admin else None,
+    )
+    return Context(config, _open_store(config), _audit_log(config, audit_override), sidecar)
+
+
+def _keys_lifecycle(args: argparse.Namespace, config: Config) -> int:
+    command: str = args.keys_command
+    record = _read_stdin_record() if command == "import" else None
+    ctx = _context(config, args.audit_log)
+    code = EXIT_OK
     try:
-        version = keyfile.add_version(service, record)
+        out: object
+        if command == "import":
+            assert record is not None
+            out = lifecycle.import_record(ctx, args.service, record)
+        elif command == "generate":
+            out = lifecycle.generate(ctx, args.service, args.algorithm)
+        elif command == "activate":
+            out = lifecycle.activate(ctx, args.service, args.key_id)
+        elif command == "rotate":
+            stdin_record = _read_stdin_record() if args.from_stdin else None
+            out = lifecycle.rotate(ctx, args.service, emergency=args.emergency, record=stdin_record)
+        elif command == "revoke":
+            out = lifecycle.revoke(ctx, args.service, args.key_id)
+        elif command == "verify":
+            ok, out = lifecycle.verify(ctx)
+            code = EXIT_OK if ok else EXIT_VERIFY
+        elif command == "schedule":
+            return _keys_schedule(args, ctx)
+        else:
+            raise AssertionError(command)
     finally:
-        keyfile.close()
-    print(json.dumps({"service": service, "version": version, "key_id": record.get("key_id")}))
+        ctx.store.close()
+    for warning in ctx.warnings or []:
+        print(f"authproxy: warning: {warning}", file=sys.stderr)
+    if command == "generate" and isinstance(out, dict) and "public_key" in out:
+        # The public key, exactly as the venue's registration page wants it pasted.
+        print(json.dumps({k: v for k, v in out.items() if k != "public_key"}))
+        print(out["public_key"], end="")
+    else:
+        print(json.dumps(out, indent=2 if command == "verify" else None))
+    return code
+
+
+def _keys_schedule(args: argparse.Namespace, ctx: Context | None) -> int:
+    try:
+        doc = json.loads(args.file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(args.file), f"not JSON ({exc.msg})") from None
+    today = args.today or datetime.now(UTC).date()
+    created: dict[str, datetime | None] = {}
+    if ctx is not None:
+        names = [n for n in ctx.config.services]
+        created = lifecycle.store_created_times(ctx.store, names)
+    print(json.dumps(lifecycle.schedule_report(doc, today, created), indent=2))
     return EXIT_OK
 
 
+def _rotator(args: argparse.Namespace, config: Config) -> int:
+    while True:
+        ctx = _context(config, args.audit_log)
+        try:
+            results = lifecycle.run_rotator_once(ctx)
+        finally:
+            ctx.store.close()
+        for warning in ctx.warnings or []:
+            print(f"authproxy: warning: {warning}", file=sys.stderr)
+        print(json.dumps(results), flush=True)
+        if args.once:
+            return EXIT_OK
+        time.sleep(args.interval)
+
+
 def _keys_list(config: Config) -> int:
-    keyfile = _key_file(config)
-    try:
-        metas = keyfile.list_meta() if keyfile.exists() else {}
-    finally:
-        keyfile.close()
+    metas: dict[str, list[tuple[int, KeyMeta]]] = {}
+    if config.keystore.backend == "vault":
+        store = _open_store(config)
+        try:
+            for name in config.services:
+                versions = store.live_versions(name)
+                if versions:
+                    metas[name] = versions
+        finally:
+            store.close()
+    else:
+        keyfile = _key_file(config)
+        try:
+            metas = keyfile.list_meta() if keyfile.exists() else {}
+        finally:
+            keyfile.close()
     out: list[dict[str, Any]] = []
     for service, versions in sorted(metas.items()):
         for version, meta in versions:
