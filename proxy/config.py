@@ -111,6 +111,8 @@ class ServiceConfig:
     recv_window_ms: int
     pool_size: int
     clock_sync: bool = True
+    # The key type's rate_limits from the policy unless overridden here.
+    rate_limit: RateLimits | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -509,6 +511,7 @@ class _Validator:
                 "recv_window_ms",
                 "pool_size",
                 "clock_sync",
+                "rate_limit",
             },
         )
         venue = self.req(m, "venue", path, self.string)
@@ -555,6 +558,15 @@ class _Validator:
                 m, "pool_size", path, self.ranged(1, MAX_POOL_SIZE), DEFAULT_POOL_SIZE
             ),
             clock_sync=self.opt(m, "clock_sync", path, self.boolean, True),
+            rate_limit=self.opt(m, "rate_limit", path, self.rate_limits, None)
+            or policy.key_types[key_type].rate_limits,
+        )
+
+    def rate_limits(self, value: Any, path: str) -> RateLimits:
+        m = self.mapping(value, path, {"requests_per_second", "requests_per_minute"})
+        return RateLimits(
+            requests_per_second=self.opt(m, "requests_per_second", path, self.ranged(1), None),
+            requests_per_minute=self.opt(m, "requests_per_minute", path, self.ranged(1), None),
         )
 
     # the seed's api_key_policy block

@@ -155,7 +155,15 @@ def write_demo_setup(
     """Write the KEK, the encrypted key file and the sidecar config; return the config path."""
     keys_path, kek_path = write_key_file(run_dir, {s: r for s, (r, _) in keys.items()})
     services = {
-        s: binance_service(upstream_port, ca_file, "/" + s.removeprefix("binance_")) for s in keys
+        # The demo streams as fast as it can: it shows signing, not the limiter, so each
+        # service's budget is raised above the policy's 100 req/s for exchange keys.
+        s: binance_service(
+            upstream_port,
+            ca_file,
+            "/" + s.removeprefix("binance_"),
+            rate_limit={"requests_per_second": 100_000, "requests_per_minute": 6_000_000},
+        )
+        for s in keys
     }
     path = run_dir / "authproxy.yaml"
     path.write_text(yaml.safe_dump(sidecar_config(keys_path, kek_path, services), sort_keys=False))

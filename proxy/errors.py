@@ -64,6 +64,18 @@ class HeadersTooLarge(ProxyError):
 # --- Errors of the sidecar's state or its upstream: the engine may retry later. ---------
 
 
+class RateLimited(ProxyError):
+    """Over the service's budget, or the venue said stop: ``retry_after_ms`` until it may
+    go out (answered as ``Retry-After``, whole seconds rounded up)."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class NoUsableKey(ProxyError):
     code = "no_usable_key"
     status = 503

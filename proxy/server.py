@@ -26,10 +26,11 @@ from proxy.errors import (
     BodyTooLarge,
     HeadersTooLarge,
     ProxyError,
+    RateLimited,
     UnknownRoute,
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
-from proxy.metrics import BUCKETS_NS, OK, REJECTED, UPSTREAM_FAILED, VENUE_ERROR
+from proxy.metrics import BUCKETS_NS, OK, RATE_LIMITED, REJECTED, UPSTREAM_FAILED, VENUE_ERROR
 from proxy.service import REQUEST_DROP, ServiceRuntime
 from proxy.signers import KeySigner, Rejection
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
@@ -105,6 +106,24 @@ def _observe(req: _Request, outcome: int) -> None:
         h.counts[bisect_left(BUCKETS_NS, up)] += 1
         h.total += up
     sm.outcomes[outcome] += 1
+
+
+DEFAULT_STOP_MS = 1_000  # a 429/418 without Retry-After: hold the service this long
+
+
+def _venue_said_stop(req: _Request, raw: bytes, now: float) -> None:
+    """The venue answered 429 or 418: nothing more goes to it until its Retry-After has
+    passed, so no request can extend a ban (Binance escalates 418 bans up to 3 days)."""
+    service = req.service
+    if service is None:
+        return
+    wait_ms = DEFAULT_STOP_MS
+    for name, value in ParsedResponse(raw).headers:
+        if name.lower() == b"retry-after":
+            # An HTTP-date is not parsed: the default holds rather than a guess.
+            with contextlib.suppress(ValueError):
+                wait_ms = max(int(value.strip()) * 1000, DEFAULT_STOP_MS)
+    service.limiter.block(int(now * 1000), wait_ms)
 
 
 class _LocalError:
@@ -316,8 +335,17 @@ class ClientConnection(asyncio.Protocol):
             if router.metrics:
                 t_sign = t_start or perf_counter_ns()
             now = router.clock()
+            wait = service.limiter.admit(int(now * 1000))
+            if wait:
+                raise RateLimited(
+                    "over this service's rate limit" if wait > 0 else "costs more than the budget",
+                    wait if wait > 0 else 60_000,
+                )
             signer = service.signer_for(now)
             data = service.prepare_with(signer, req.method, path, query, req.headers, req.body, now)
+        except RateLimited as exc:
+            self._finish_local(exc, RATE_LIMITED)
+            return
         except ProxyError as exc:
             self._finish_local(exc)
             return
@@ -375,6 +403,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.t_up:
             req.up_ns += perf_counter_ns() - req.t_up
+        if status in {429, 418}:
+            _venue_said_stop(req, raw, self.router.clock())
         # Only while two keys are live can a refused key be retried; some venues (Bybit,
         # Kraken) refuse keys with HTTP 200 and the verdict in the body, so the status
         # alone cannot rule it out.
@@ -412,6 +442,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.current = None
         self._write_error(error, keep_alive=req.keep_alive)
+        if outcome == RATE_LIMITED and req.service is not None and req.service.metrics:
+            req.service.metrics.rate_limited += 1
         if req.t0:
             _observe(req, outcome)
         self._after(req)
@@ -425,8 +457,13 @@ class ClientConnection(asyncio.Protocol):
     def _write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
         if self.transport is None:
             return
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(error, RateLimited):
+            extra = ((b"Retry-After", b"%d" % -(-error.retry_after_ms // 1000)),)
         self.transport.write(
-            error_response(error.status, error.code, error.message, keep_alive=keep_alive)
+            error_response(
+                error.status, error.code, error.message, keep_alive=keep_alive, extra_headers=extra
+            )
         )
         if not keep_alive:
             self._close()

@@ -15,6 +15,7 @@ from proxy.config import ServiceConfig
 from proxy.errors import BadRequest, NoUsableKey
 from proxy.http11 import build_request, drop_set, forwardable_headers, normalize_target_part
 from proxy.metrics import ServiceMetrics
+from proxy.ratelimit import limiter_for
 from proxy.signers import VENUES, KeySigner, SignerContext, Venue
 
 # Headers an engine may send that never reach a venue: hop-by-hop and framing headers,
@@ -106,6 +107,7 @@ class ServiceRuntime:
         "fallbacks",
         "host_line",
         "keys",
+        "limiter",
         "metrics",
         "name",
         "pool",
@@ -126,6 +128,12 @@ class ServiceRuntime:
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
         # venue clock minus ours, from proxy.clock; added to every timestamp we sign
         self.clock_offset_ms = 0
+        rates = config.rate_limit
+        # The service's budget, shared by every engine connection (proxy.ratelimit).
+        self.limiter = limiter_for(
+            rates.requests_per_second if rates else None,
+            rates.requests_per_minute if rates else None,
+        )
         self.fallbacks = 0  # requests re-signed with the other key of an overlap pair
         # proxy.metrics.ServiceMetrics, bound at start-up when metrics are on
         self.metrics: ServiceMetrics | None = None

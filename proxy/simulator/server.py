@@ -301,6 +301,17 @@ async def _reset(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+async def _status(request: web.Request) -> web.Response:
+    """``GET /__sim/status?code=418&retry_after=2``: answer that status (Binance's ban body
+    for 418, its too-many-requests body for 429) with a ``Retry-After`` header."""
+    code = int(request.query.get("code", "429"))
+    headers = {}
+    if "retry_after" in request.query:
+        headers["Retry-After"] = request.query["retry_after"]
+    msg = "Way too many requests; IP banned until later." if code == 418 else "Too many requests."
+    return web.json_response({"code": -1003, "msg": msg}, status=code, headers=headers)
+
+
 async def _gzip(request: web.Request) -> web.Response:
     payload = compact_json({"gzip": True, "serverTime": request.app[SIMULATOR_KEY].clock()})
     return web.Response(
@@ -363,6 +374,7 @@ def make_app(
             web.get("/__sim/slow", _slow, allow_head=False),
             web.get("/__sim/reset", _reset, allow_head=False),
             web.get("/__sim/gzip", _gzip, allow_head=False),
+            web.get("/__sim/status", _status, allow_head=False),
             web.route("*", "/__sim/echo", _echo),
         ]
     )
