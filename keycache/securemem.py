@@ -28,6 +28,7 @@ from keycache.errors import MemoryLockError
 __all__ = [
     "PAGE_SIZE",
     "SecureBuffer",
+    "lock_all_memory",
     "make_process_non_dumpable",
     "utf8_len",
     "wipe_bytearray",
@@ -76,6 +77,21 @@ def make_process_non_dumpable() -> bool:
         return int(_LIBC.prctl(PR_SET_DUMPABLE, 0)) == 0
     except AttributeError:
         return False
+
+
+#: <sys/mman.h>: lock every page mapped now and every page mapped later.
+MCL_CURRENT: Final = 1
+MCL_FUTURE: Final = 2
+
+
+def lock_all_memory() -> bool:
+    """``mlockall(MCL_CURRENT | MCL_FUTURE)``: no page of the process may be swapped out,
+    so no copy of a secret Python or OpenSSL leaves on the heap reaches swap. Return True on
+    success, False when refused (RLIMIT_MEMLOCK, no CAP_IPC_LOCK) or unsupported; the
+    caller decides whether that is fatal. Call once at start-up, before secrets load."""
+    if _LIBC is None or not hasattr(_LIBC, "mlockall"):
+        return False
+    return int(_LIBC.mlockall(MCL_CURRENT | MCL_FUTURE)) == 0
 
 
 def wipe_bytearray(b: bytearray) -> None:

@@ -24,6 +24,7 @@ from keycache.filestore import KeyFile, load_kek_file
 from keycache.health import HealthState
 from keycache.record import compute_checksum
 from keycache.ring import KeyRing, build_ring
+from keycache.securemem import lock_all_memory
 from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
 from proxy.admin import AdminApi
@@ -219,6 +220,13 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.log("starting", pid=os.getpid(), services=sorted(self.config.services))
+        if self.config.memory.lock_all:
+            if not lock_all_memory():
+                if self.config.memory.require_memory_lock:
+                    raise StartupError("memory.lock_all: mlockall was refused (RLIMIT_MEMLOCK?)")
+                self.log("memory_not_locked", level="warning", reason="mlockall refused")
+            else:
+                self.log("memory_locked_all")
         now = datetime.now(UTC)
         watcher: KeyWatcher | None = None
         try:

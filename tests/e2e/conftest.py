@@ -51,6 +51,7 @@ class Sidecars:
         listen: dict[str, Any] | None = None,
         name: str = "sidecar",
         records: dict[str, dict[str, object] | list[dict[str, object]]] | None = None,
+        memory: dict[str, Any] | None = None,
     ) -> Proc:
         """Start a sidecar with ``services`` (default: the four Binance test services).
 
@@ -74,6 +75,8 @@ class Sidecars:
         cfg = sidecar_config(keys_path, kek_path, services)
         if listen:
             cfg["listen"].update(listen)
+        if memory:
+            cfg["memory"] = memory
         path = run / "authproxy.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = Proc(sidecar_argv(path), stderr_path=run / "stderr.log")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -203,3 +204,21 @@ async def test_key_rejected_falls_back_to_the_other_key_of_the_overlap(
         log = (await resp.json())["entries"]
     tried = [e["api_key"] for e in log if "newClientOrderId=fallback-1" in e["query"]]
     assert tried == [newer["key_id"], known["key_id"]]
+
+
+def _status_kb(pid: int, field: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith(field))
+
+
+def test_lock_all_locks_the_whole_process(sidecars: Sidecars, venue: Venue) -> None:
+    """memory.lock_all: every page of the process is locked, seen from outside."""
+    from proxy.demo import binance_service
+
+    service = {"binance_hmac": binance_service(venue.port, venue.ca_file, "/hmac")}
+    plain = sidecars.start(service, name="plain")
+    locked = sidecars.start(service, name="all", memory={"lock_all": True})
+    rss = _status_kb(locked.pid, "VmRSS:")
+    assert _status_kb(locked.pid, "VmLck:") >= rss * 0.9  # (nearly) all resident is locked
+    # Without it only the key buffers are locked.
+    assert _status_kb(plain.pid, "VmLck:") < _status_kb(locked.pid, "VmLck:") / 4
