@@ -11,9 +11,9 @@ venue module, may import ``keycache`` or any other ``proxy`` module.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -116,3 +116,38 @@ class Venue(Protocol):
     def api_keys(self) -> list[str]:
         """The API key ids currently accepted (public ids, never secrets)."""
         ...
+
+
+K = TypeVar("K")
+
+
+class SwappedKeys(Generic[K]):
+    """The key management of the :class:`Venue` protocol, for a venue whose keys are one
+    mapping swapped whole and never changed in place (a request that read the mapping
+    keeps a consistent view). Subclasses set ``_keys`` and name their parser in
+    ``_parse_keys``."""
+
+    _keys: Mapping[str, K]
+
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, K]:
+        raise NotImplementedError
+
+    def prepare_keys(self, entries: object, path: str) -> Commit:
+        """Validate ``entries``; the returned function swaps them in. See :class:`Venue`."""
+        keys = self._parse_keys(entries, path)
+
+        def commit() -> None:
+            self._keys = keys
+
+        return commit
+
+    def revoke_key(self, api_key: str) -> bool:
+        """Drop ``api_key`` at once; True if it was known."""
+        if api_key not in self._keys:
+            return False
+        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
+        return True
+
+    def api_keys(self) -> list[str]:
+        """The accepted API key ids (public, never secrets)."""
+        return sorted(self._keys)

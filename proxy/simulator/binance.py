@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from proxy.simulator.base import Clock, Commit, KeySetError, compact_json, note_of
+from proxy.simulator.base import Clock, KeySetError, SwappedKeys, compact_json, note_of
 
 VENUE_NAME = "binance"
 API_KEY_HEADER = "X-MBX-APIKEY"
@@ -770,7 +770,7 @@ def _remote(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-class BinanceVenue:
+class BinanceVenue(SwappedKeys[BinanceKey]):
     """Routes and state of the simulated Binance spot venue. Loop thread only.
 
     ``clock`` is the server's clock (milliseconds); ``keys`` the initial key set.
@@ -791,25 +791,8 @@ class BinanceVenue:
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        """Validate ``entries``; the returned function swaps them in. See :class:`Venue`."""
-        keys = parse_binance_keys(entries, path)
-
-        def commit() -> None:
-            self._keys = keys
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        """Drop ``api_key`` at once; True if it was known."""
-        if api_key not in self._keys:
-            return False
-        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
-        return True
-
-    def api_keys(self) -> list[str]:
-        """The accepted API key ids."""
-        return sorted(self._keys)
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, BinanceKey]:
+        return parse_binance_keys(entries, path)
 
     @property
     def keys(self) -> Mapping[str, BinanceKey]:

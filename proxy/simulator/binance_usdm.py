@@ -37,7 +37,7 @@ from decimal import ROUND_DOWN, Context, Decimal, InvalidOperation
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, compact_json, note_of
+from proxy.simulator.base import Clock, SwappedKeys, compact_json, note_of
 from proxy.simulator.binance import (
     API_KEY_HEADER,
     CLIENT_ORDER_ID_RANGE,
@@ -406,7 +406,7 @@ class _Signed:
     counts_order: bool = False
 
 
-class BinanceUsdmVenue:
+class BinanceUsdmVenue(SwappedKeys[BinanceKey]):
     """Routes and state of the simulated USD-M futures venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -422,23 +422,8 @@ class BinanceUsdmVenue:
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        """Validate ``entries`` (same shape as Binance spot keys); returns the swap."""
-        keys = parse_binance_keys(entries, path)
-
-        def commit() -> None:
-            self._keys = keys
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        if api_key not in self._keys:
-            return False
-        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
-        return True
-
-    def api_keys(self) -> list[str]:
-        return sorted(self._keys)
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, BinanceKey]:
+        return parse_binance_keys(entries, path)
 
     def routes(self) -> Sequence[web.RouteDef]:
         """The USD-M routes the simulator serves."""

@@ -28,9 +28,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, note_of
+from proxy.simulator.base import Clock, SwappedKeys, note_of
 from proxy.simulator.hmackeys import (
-    KeyTable,
     SharedSecretKey,
     TokenBucket,
     form_params,
@@ -193,7 +192,7 @@ def _params(request: web.Request, body: bytes) -> dict[str, object]:
     return out
 
 
-class BitmexVenue:
+class BitmexVenue(SwappedKeys[SharedSecretKey]):
     """Routes and state of the simulated BitMEX venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -206,24 +205,13 @@ class BitmexVenue:
         rate_limit_per_minute: int = RATE_LIMIT_PER_MINUTE,
     ) -> None:
         self._clock = clock
-        self._keys = KeyTable(keys)
+        self._keys: Mapping[str, SharedSecretKey] = dict(keys or {})
         self._limit = rate_limit_per_minute
         self._bucket = TokenBucket(rate_limit_per_minute, rate_limit_per_minute / 60)
         self._accounts: dict[str, _Account] = {}
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_bitmex_keys(entries, path)
-
-        def commit() -> None:
-            self._keys.replace(keys)
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        return self._keys.revoke(api_key)
-
-    def api_keys(self) -> list[str]:
-        return self._keys.ids()
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, SharedSecretKey]:
+        return parse_bitmex_keys(entries, path)
 
     def routes(self) -> Sequence[web.RouteDef]:
         signed = self._signed
@@ -247,7 +235,7 @@ class BitmexVenue:
                 verb=request.method.encode(),
                 target=raw_target(request),
                 body=body,
-                keys=self._keys.keys,
+                keys=self._keys,
                 now_ms=now,
             )
             if isinstance(verdict, BitmexError):

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from proxy.simulator.base import Clock, Commit, KeySetError, compact_json, note_of
+from proxy.simulator.base import Clock, KeySetError, SwappedKeys, compact_json, note_of
 
 VENUE_NAME = "bybit"
 KEY_HEADER = "X-BAPI-API-KEY"
@@ -291,7 +291,7 @@ class BybitOrder:
 _CATEGORIES = frozenset({"spot", "linear", "inverse", "option"})
 
 
-class BybitVenue:
+class BybitVenue(SwappedKeys[BybitKey]):
     """Routes and state of the simulated Bybit v5 venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -305,22 +305,8 @@ class BybitVenue:
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_bybit_keys(entries, path)
-
-        def commit() -> None:
-            self._keys = keys
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        if api_key not in self._keys:
-            return False
-        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
-        return True
-
-    def api_keys(self) -> list[str]:
-        return sorted(self._keys)
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, BybitKey]:
+        return parse_bybit_keys(entries, path)
 
     # ----- routes
 

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from proxy.simulator.base import Clock, Commit, KeySetError, compact_json, note_of
+from proxy.simulator.base import Clock, KeySetError, SwappedKeys, compact_json, note_of
 
 VENUE_NAME = "coinbase"
 LEGACY_KEY_HEADER = "CB-ACCESS-KEY"
@@ -351,7 +351,7 @@ def _valid_configuration(configuration: object) -> bool:
     return False
 
 
-class CoinbaseVenue:
+class CoinbaseVenue(SwappedKeys[CoinbaseKey]):
     """Routes and state of the simulated Coinbase Advanced Trade venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -364,22 +364,8 @@ class CoinbaseVenue:
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_coinbase_keys(entries, path)
-
-        def commit() -> None:
-            self._keys = keys
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        if api_key not in self._keys:
-            return False
-        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
-        return True
-
-    def api_keys(self) -> list[str]:
-        return sorted(self._keys)
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, CoinbaseKey]:
+        return parse_coinbase_keys(entries, path)
 
     # ----- routes
 

@@ -32,9 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, note_of
+from proxy.simulator.base import Clock, SwappedKeys, note_of
 from proxy.simulator.hmackeys import (
-    KeyTable,
     SharedSecretKey,
     TokenBucket,
     form_params,
@@ -186,7 +185,7 @@ class _Refusal(Exception):
         self.error = error
 
 
-class DeribitVenue:
+class DeribitVenue(SwappedKeys[SharedSecretKey]):
     """Routes and state of the simulated Deribit venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -200,23 +199,12 @@ class DeribitVenue:
         credits_per_s: int = CREDITS_PER_S,
     ) -> None:
         self._clock = clock
-        self._keys = KeyTable(keys)
+        self._keys: Mapping[str, SharedSecretKey] = dict(keys or {})
         self._credits = TokenBucket(credits_max, credits_per_s)
         self._accounts: dict[str, _Account] = {}
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_deribit_keys(entries, path)
-
-        def commit() -> None:
-            self._keys.replace(keys)
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        return self._keys.revoke(api_key)
-
-    def api_keys(self) -> list[str]:
-        return self._keys.ids()
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, SharedSecretKey]:
+        return parse_deribit_keys(entries, path)
 
     def routes(self) -> Sequence[web.RouteDef]:
         private = self._private
@@ -262,7 +250,7 @@ class DeribitVenue:
                 method=request.method.encode(),
                 uri=raw_target(request),
                 body=body,
-                keys=self._keys.keys,
+                keys=self._keys,
                 now_ms=now,
             )
             if isinstance(verdict, DeribitError):

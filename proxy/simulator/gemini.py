@@ -28,9 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, note_of
+from proxy.simulator.base import Clock, SwappedKeys, note_of
 from proxy.simulator.hmackeys import (
-    KeyTable,
     SharedSecretKey,
     TokenBucket,
     json_response,
@@ -206,7 +205,7 @@ def _decimal(payload: Mapping[str, Any], name: str) -> str:
     return raw
 
 
-class GeminiVenue:
+class GeminiVenue(SwappedKeys[SharedSecretKey]):
     """Routes and state of the simulated Gemini venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -219,24 +218,13 @@ class GeminiVenue:
         rate_limit_per_minute: int = RATE_LIMIT_PER_MINUTE,
     ) -> None:
         self._clock = clock
-        self._keys = KeyTable(keys)
+        self._keys: Mapping[str, SharedSecretKey] = dict(keys or {})
         self._last_nonces: dict[str, int] = {}
         self._bucket = TokenBucket(rate_limit_per_minute, rate_limit_per_minute / 60)
         self._accounts: dict[str, _Account] = {}
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_gemini_keys(entries, path)
-
-        def commit() -> None:
-            self._keys.replace(keys)
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        return self._keys.revoke(api_key)
-
-    def api_keys(self) -> list[str]:
-        return self._keys.ids()
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, SharedSecretKey]:
+        return parse_gemini_keys(entries, path)
 
     def routes(self) -> Sequence[web.RouteDef]:
         private = self._private
@@ -258,7 +246,7 @@ class GeminiVenue:
             verdict = verify_gemini(
                 headers=headers,
                 path=request.path,
-                keys=self._keys.keys,
+                keys=self._keys,
                 last_nonces=self._last_nonces,
             )
             if isinstance(verdict, GeminiError):

@@ -81,25 +81,6 @@ def parse_shared_secret_keys(
     return keys
 
 
-class KeyTable:
-    """A venue's key set: swapped as one reference on change, never mutated in place."""
-
-    def __init__(self, keys: Mapping[str, SharedSecretKey] | None = None) -> None:
-        self.keys: Mapping[str, SharedSecretKey] = dict(keys or {})
-
-    def replace(self, keys: Mapping[str, SharedSecretKey]) -> None:
-        self.keys = dict(keys)
-
-    def revoke(self, api_key: str) -> bool:
-        if api_key not in self.keys:
-            return False
-        self.keys = {k: v for k, v in self.keys.items() if k != api_key}
-        return True
-
-    def ids(self) -> list[str]:
-        return sorted(self.keys)
-
-
 class TokenBucket:
     """A per-id token bucket (capacity, refill per second) on the simulator's ms clock."""
 

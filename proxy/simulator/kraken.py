@@ -28,9 +28,8 @@ from decimal import Decimal, InvalidOperation
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, note_of
+from proxy.simulator.base import Clock, SwappedKeys, note_of
 from proxy.simulator.hmackeys import (
-    KeyTable,
     SharedSecretKey,
     TokenBucket,
     decode_base64_secret,
@@ -176,7 +175,7 @@ def _txid() -> str:
     return "-".join(parts)
 
 
-class KrakenVenue:
+class KrakenVenue(SwappedKeys[SharedSecretKey]):
     """Routes and state of the simulated Kraken spot venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -190,26 +189,15 @@ class KrakenVenue:
         counter_decay_per_s: float = COUNTER_DECAY_PER_S,
     ) -> None:
         self._clock = clock
-        self._keys = KeyTable(keys)
+        self._keys: Mapping[str, SharedSecretKey] = dict(keys or {})
         self._last_nonces: dict[str, int] = {}
         self._counter = TokenBucket(counter_max, counter_decay_per_s)
         self._accounts: dict[str, _Account] = {}
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_kraken_keys(entries, path)
-
-        def commit() -> None:
-            self._keys.replace(keys)
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        return self._keys.revoke(api_key)
-
-    def api_keys(self) -> list[str]:
-        return self._keys.ids()
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, SharedSecretKey]:
+        return parse_kraken_keys(entries, path)
 
     # ----- routes
 
@@ -245,7 +233,7 @@ class KrakenVenue:
             note = note_of(request)
             api_key = request.headers.get("API-Key")
             note.api_key = api_key
-            key = self._keys.keys.get(api_key) if api_key else None
+            key = self._keys.get(api_key) if api_key else None
             note.algorithm = key.algorithm if key is not None else None
             body = b""
             if request.content_type in (FORM, "application/octet-stream"):
@@ -255,7 +243,7 @@ class KrakenVenue:
                 api_sign=request.headers.get("API-Sign"),
                 path=request.path.encode(),
                 body=body,
-                keys=self._keys.keys,
+                keys=self._keys,
                 last_nonces=self._last_nonces,
             )
             if isinstance(verdict, str):

@@ -33,7 +33,7 @@ from decimal import Decimal, InvalidOperation
 
 from aiohttp import web
 
-from proxy.simulator.base import Clock, Commit, KeySetError, compact_json, note_of
+from proxy.simulator.base import Clock, KeySetError, SwappedKeys, compact_json, note_of
 
 VENUE_NAME = "okx"
 KEY_HEADER = "OK-ACCESS-KEY"
@@ -246,7 +246,7 @@ def _decimal_ok(text: str) -> bool:
         return False
 
 
-class OkxVenue:
+class OkxVenue(SwappedKeys[OkxKey]):
     """Routes and state of the simulated OKX venue. Loop thread only."""
 
     name = VENUE_NAME
@@ -260,22 +260,8 @@ class OkxVenue:
 
     # ----- key management (Venue protocol)
 
-    def prepare_keys(self, entries: object, path: str) -> Commit:
-        keys = parse_okx_keys(entries, path)
-
-        def commit() -> None:
-            self._keys = keys
-
-        return commit
-
-    def revoke_key(self, api_key: str) -> bool:
-        if api_key not in self._keys:
-            return False
-        self._keys = {k: v for k, v in self._keys.items() if k != api_key}
-        return True
-
-    def api_keys(self) -> list[str]:
-        return sorted(self._keys)
+    def _parse_keys(self, entries: object, path: str) -> Mapping[str, OkxKey]:
+        return parse_okx_keys(entries, path)
 
     # ----- routes
 
