@@ -112,7 +112,9 @@ ORACLE_RT = runtime_with(ORACLE_KEY, ORACLE_SECRET)
 ORACLE: Any = ccxt.deribit({"apiKey": ORACLE_KEY, "secret": ORACLE_SECRET})
 
 names = st.text(st.characters(min_codepoint=0x61, max_codepoint=0x7A), min_size=1, max_size=10)
-values = st.one_of(st.text(max_size=12), st.integers(), st.booleans())
+values = st.one_of(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=12), st.integers(), st.booleans()
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -146,7 +148,9 @@ def test_property_ccxt_signs_the_same_request(
 @settings(max_examples=150, deadline=None)
 @given(
     params=st.dictionaries(names, values, max_size=5),
-    query=st.dictionaries(names, st.text(max_size=6), max_size=3),
+    query=st.dictionaries(
+        names, st.text(st.characters(exclude_categories=("Cs",)), max_size=6), max_size=3
+    ),
     method=st.sampled_from(["POST", "PUT", "post"]),
     indent=st.none() | st.integers(min_value=0, max_value=2),
 )

@@ -285,7 +285,7 @@ def test_stale_request_reports_the_clock_before_the_signature() -> None:
 _names = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=8
 )
-_values = st.text(min_size=0, max_size=12)
+_values = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)  # encodable
 
 
 @settings(max_examples=200, deadline=None)
