@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import resource
 from typing import Final
 
 from keycache.errors import MemoryLockError
@@ -28,6 +29,7 @@ from keycache.errors import MemoryLockError
 __all__ = [
     "PAGE_SIZE",
     "SecureBuffer",
+    "disable_core_dumps",
     "lock_all_memory",
     "make_process_non_dumpable",
     "utf8_len",
@@ -77,6 +79,16 @@ def make_process_non_dumpable() -> bool:
         return int(_LIBC.prctl(PR_SET_DUMPABLE, 0)) == 0
     except AttributeError:
         return False
+
+
+def disable_core_dumps() -> bool:
+    """Set the core-file size limit (soft and hard) to 0, so that even a process made
+    dumpable again (exec, a debugger run as root) writes no core. Return True on success."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 #: <sys/mman.h>: lock every page mapped now and every page mapped later.

@@ -24,7 +24,7 @@ from keycache.filestore import KeyFile, load_kek_file
 from keycache.health import HealthState
 from keycache.record import compute_checksum
 from keycache.ring import KeyRing, build_ring
-from keycache.securemem import lock_all_memory
+from keycache.securemem import disable_core_dumps, lock_all_memory, make_process_non_dumpable
 from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
 from proxy.admin import AdminApi
@@ -220,6 +220,12 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.log("starting", pid=os.getpid(), services=sorted(self.config.services))
+        # Before any secret is loaded: no core file, no ptrace or /proc/<pid>/mem from
+        # other processes of this user (threat model: a memory dump).
+        if not make_process_non_dumpable():
+            self.log("process_dumpable", level="warning", reason="prctl(PR_SET_DUMPABLE) refused")
+        if not disable_core_dumps():
+            self.log("core_limit_not_set", level="warning", reason="setrlimit(RLIMIT_CORE) refused")
         if self.config.memory.lock_all:
             if not lock_all_memory():
                 if self.config.memory.require_memory_lock:
