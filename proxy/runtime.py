@@ -33,6 +33,7 @@ from proxy.config import Config, FileStoreConfig
 from proxy.errors import ConfigError, NoUsableKey, ProxyError
 from proxy.logs import EventLog
 from proxy.metrics import KeyGauge, Metrics, StoreGauge
+from proxy.sdnotify import notify
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
 from proxy.signers import SignerContext
@@ -332,10 +333,12 @@ class Sidecar:
         self.serving = True
         self.log("ready", {k: v for k, v in ready_info.items() if k != "event"})
         self.ready_cb(ready_info)
+        notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving", self.environ)
         try:
             await self.stopping.wait()
         finally:
             self.serving = False
+            notify("STOPPING=1\nSTATUS=draining", self.environ)
             self.log("draining")
             if admin is not None:
                 await admin.close()

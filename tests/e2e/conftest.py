@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -52,11 +53,12 @@ class Sidecars:
         name: str = "sidecar",
         records: dict[str, dict[str, object] | list[dict[str, object]]] | None = None,
         memory: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Start a sidecar with ``services`` (default: the four Binance test services).
 
         ``records`` (service -> key record) adds keys beyond the Binance test keys, for
-        services of other venues.
+        services of other venues. ``env`` is added to this process's environment.
         """
         if services is None:
             services = {
@@ -79,7 +81,11 @@ class Sidecars:
             cfg["memory"] = memory
         path = run / "authproxy.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        proc = Proc(sidecar_argv(path), stderr_path=run / "stderr.log")
+        proc = Proc(
+            sidecar_argv(path),
+            stderr_path=run / "stderr.log",
+            env={**os.environ, **env} if env else None,
+        )
         self.started.append(proc)
         return proc
 
