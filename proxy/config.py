@@ -27,6 +27,7 @@ DEFAULT_RECV_WINDOW_MS = 5000  # Binance's own default
 MAX_RECV_WINDOW_MS = 60000  # Binance refuses larger windows
 DEFAULT_POOL_SIZE = 2  # warm connections per upstream; one engine connection needs one
 MAX_POOL_SIZE = 64
+MAX_ON_LIMIT_WAIT_MS = 60_000  # on_limit.wait_ms: beyond a minute an order is stale anyway
 
 Backend = Literal["file", "vault"]
 AuthMethod = Literal["token", "approle", "kubernetes"]
@@ -113,6 +114,9 @@ class ServiceConfig:
     clock_sync: bool = True
     # The key type's rate_limits from the policy unless overridden here.
     rate_limit: RateLimits | None = None
+    # on_limit: {wait_ms: N}: hold a request over the budget up to N ms for room before
+    # refusing it (0, the default: refuse at once with 429 and Retry-After).
+    on_limit_wait_ms: int = 0
 
     @property
     def upstream_host(self) -> str:
@@ -512,6 +516,7 @@ class _Validator:
                 "pool_size",
                 "clock_sync",
                 "rate_limit",
+                "on_limit",
             },
         )
         venue = self.req(m, "venue", path, self.string)
@@ -560,7 +565,12 @@ class _Validator:
             clock_sync=self.opt(m, "clock_sync", path, self.boolean, True),
             rate_limit=self.opt(m, "rate_limit", path, self.rate_limits, None)
             or policy.key_types[key_type].rate_limits,
+            on_limit_wait_ms=self.opt(m, "on_limit", path, self.on_limit, 0),
         )
+
+    def on_limit(self, value: Any, path: str) -> int:
+        m = self.mapping(value, path, {"wait_ms"})
+        return self.req(m, "wait_ms", path, self.ranged(0, MAX_ON_LIMIT_WAIT_MS))
 
     def rate_limits(self, value: Any, path: str) -> RateLimits:
         m = self.mapping(value, path, {"requests_per_second", "requests_per_minute"})
