@@ -31,9 +31,11 @@ from proxy.errors import (
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
 from proxy.metrics import BUCKETS_NS, OK, RATE_LIMITED, REJECTED, UPSTREAM_FAILED, VENUE_ERROR
+from proxy.ratelimit import Share
 from proxy.service import REQUEST_DROP, ServiceRuntime
 from proxy.signers import KeySigner, Rejection
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
+from proxy.venue_limits import observe as observe_usage
 
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
 MAX_HEADER_BYTES = 32 * 1024  # same reason; nginx's default large_client_header_buffers
@@ -43,12 +45,15 @@ MAX_PIPELINED = 64  # requests queued per connection before we stop reading from
 class _Request:
     __slots__ = (
         "body",
+        "deadline_us",
         "fell_back",
         "headers",
         "keep_alive",
         "method",
+        "orders",
         "overlap",
         "path",
+        "probe",
         "query",
         "service",
         "signer",
@@ -56,6 +61,7 @@ class _Request:
         "t_up",
         "up_ns",
         "url",
+        "weight",
     )
 
     def __init__(
@@ -78,6 +84,11 @@ class _Request:
         self.query = b""
         self.fell_back = False
         self.overlap = False
+        self.probe = False  # the one request let through after a venue's stop
+        # its cost in the venue's units, and (parked under on_limit) how long it may wait
+        self.weight = 1
+        self.orders = 0
+        self.deadline_us = 0
         # metrics (perf_counter_ns): arrival, last submit to the venue, time upstream
         self.t0 = 0
         self.t_up = 0
@@ -111,19 +122,56 @@ def _observe(req: _Request, outcome: int) -> None:
 DEFAULT_STOP_MS = 1_000  # a 429/418 without Retry-After: hold the service this long
 
 
-def _venue_said_stop(req: _Request, raw: bytes, now: float) -> None:
-    """The venue answered 429 or 418: nothing more goes to it until its Retry-After has
-    passed, so no request can extend a ban (Binance escalates 418 bans up to 3 days)."""
-    service = req.service
-    if service is None:
-        return
+def _venue_said_stop(service: ServiceRuntime, raw: bytes, now_us: int) -> None:
+    """The venue answered 429 or 418 (or its own code for it): nothing more goes to it
+    until its Retry-After has passed, so no request can extend a ban (Binance escalates
+    418 bans up to 3 days). Then one probe goes out (``Limiter.admit``)."""
     wait_ms = DEFAULT_STOP_MS
     for name, value in ParsedResponse(raw).headers:
         if name.lower() == b"retry-after":
             # An HTTP-date is not parsed: the default holds rather than a guess.
             with contextlib.suppress(ValueError):
                 wait_ms = max(int(value.strip()) * 1000, DEFAULT_STOP_MS)
-    service.limiter.block(int(now * 1000), wait_ms)
+    service.limiter.block(now_us, wait_ms * 1000)
+
+
+def _limiter_now(service: ServiceRuntime, now: float) -> int:
+    """The limiter's clock: the venue's time in µs (our clock plus the measured offset),
+    so windows align with the venue's own counters."""
+    return int(now * 1_000_000) + service.clock_offset_ms * 1000
+
+
+def _release_parked(service: ServiceRuntime, clock: Callable[[], float]) -> None:
+    """The service's park timer: admit waiting requests in arrival order while the budget
+    has room, refuse those whose wait ran out, and sleep until the next one may fit."""
+    service.park_timer = None
+    now = clock()
+    now_us = _limiter_now(service, now)
+    keep: deque[tuple[ClientConnection, _Request]] = deque()
+    soonest = 0
+    for conn, req in service.parked:
+        if conn.current is not req or conn.transport is None:
+            continue  # the engine went away
+        wait = service.limiter.admit(now_us, req.weight, req.orders, conn.share(service))
+        if wait == 0:
+            req.probe = service.limiter.probing
+            conn._sign_and_submit(req, service, now, perf_counter_ns() if req.t0 else 0)
+        elif wait < 0 or now_us + wait > req.deadline_us:
+            conn._finish_local(_over_budget(wait), RATE_LIMITED)
+        else:
+            keep.append((conn, req))
+            soonest = wait if not soonest or wait < soonest else soonest
+    service.parked = keep
+    if keep:
+        service.park_timer = asyncio.get_running_loop().call_later(
+            soonest / 1e6, _release_parked, service, clock
+        )
+
+
+def _over_budget(wait: int) -> RateLimited:
+    if wait > 0:
+        return RateLimited("over this service's rate limit", wait // 1000 + 1)
+    return RateLimited("costs more than the budget", 60_000)
 
 
 class _LocalError:
@@ -178,6 +226,13 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        self.shares: dict[ServiceRuntime, Share] = {}  # this engine's use of each budget
+
+    def share(self, service: ServiceRuntime) -> Share:
+        share = self.shares.get(service)
+        if share is None:
+            share = self.shares[service] = Share.of(service.limiter)
+        return share
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,31 +387,58 @@ class ClientConnection(asyncio.Protocol):
             if service is None:
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
             req.service = service
-            if router.metrics:
-                t_sign = t_start or perf_counter_ns()
-            now = router.clock()
-            wait = service.limiter.admit(int(now * 1000))
-            if wait:
-                raise RateLimited(
-                    "over this service's rate limit" if wait > 0 else "costs more than the budget",
-                    wait if wait > 0 else 60_000,
-                )
-            signer = service.signer_for(now)
-            data = service.prepare_with(signer, req.method, path, query, req.headers, req.body, now)
-        except RateLimited as exc:
-            self._finish_local(exc, RATE_LIMITED)
-            return
+            req.path, req.query = path, query
         except ProxyError as exc:
             self._finish_local(exc)
             return
-        if router.metrics:
+        t_sign = (t_start or perf_counter_ns()) if router.metrics else 0
+        now = router.clock()
+        # The budget, in the venue's units, before anything is signed (proxy.ratelimit).
+        cost = service.costs.cost(req.method, path)
+        req.weight = weight = cost.weight if cost.by_query is None else cost.by_query(query)
+        req.orders = cost.orders
+        now_us = int(now * 1_000_000) + service.clock_offset_ms * 1000
+        share = self.shares.get(service) or self.share(service)
+        wait = (
+            service.limiter.admit(now_us, weight, cost.orders, share) if not service.parked else 1
+        )
+        if wait:
+            if 0 < wait <= service.wait_us or (service.parked and wait > 0):
+                self._park(req, service, now_us)
+            else:
+                self._finish_local(_over_budget(wait), RATE_LIMITED)
+            return
+        req.probe = service.limiter.probing
+        self._sign_and_submit(req, service, now, t_sign)
+
+    def _park(self, req: _Request, service: ServiceRuntime, now_us: int) -> None:
+        """on_limit.wait_ms: wait in the service's queue (behind those already waiting)."""
+        req.deadline_us = now_us + service.wait_us
+        service.parked.append((self, req))
+        if service.park_timer is None:
+            loop = asyncio.get_running_loop()
+            service.park_timer = loop.call_later(0, _release_parked, service, self.router.clock)
+
+    def _sign_and_submit(
+        self, req: _Request, service: ServiceRuntime, now: float, t_sign: int
+    ) -> None:
+        path, query = req.path, req.query
+        try:
+            signer = service.signer_for(now)
+            data = service.prepare_with(signer, req.method, path, query, req.headers, req.body, now)
+        except ProxyError as exc:
+            if req.probe:
+                service.limiter.probe_lost()
+            self._finish_local(exc)
+            return
+        if t_sign:
             req.t_up = t = perf_counter_ns()
             sm = service.metrics
             if sm is not None:
                 h = sm.signing
                 h.counts[bisect_left(BUCKETS_NS, t - t_sign)] += 1
                 h.total += t - t_sign
-        req.signer, req.path, req.query = signer, path, query
+        req.signer = signer
         req.overlap = service.keys is not None and service.keys.overlap
         pool = service.pool
         assert isinstance(pool, UpstreamPool)
@@ -403,8 +485,27 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.t_up:
             req.up_ns += perf_counter_ns() - req.t_up
-        if status in {429, 418}:
-            _venue_said_stop(req, raw, self.router.clock())
+        service = req.service
+        if service is not None:
+            if status in {429, 418} or (
+                status >= 400
+                and service.venue.classify(status, ParsedResponse(raw).body)
+                in {Rejection.RATE_LIMITED, Rejection.BANNED}
+            ):
+                _venue_said_stop(service, raw, _limiter_now(service, self.router.clock()))
+            else:
+                if service.reads_usage:
+                    now = self.router.clock()
+                    observe_usage(
+                        service.costs,
+                        service.limiter,
+                        raw,
+                        _limiter_now(service, now),
+                        int(now * 1000) + service.clock_offset_ms,
+                    )
+                if req.probe:
+                    service.limiter.probe_answered(_limiter_now(service, self.router.clock()))
+            req.probe = False
         # Only while two keys are live can a refused key be retried; some venues (Bybit,
         # Kraken) refuse keys with HTTP 200 and the verdict in the body, so the status
         # alone cannot rule it out.
@@ -432,6 +533,9 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_failed(self, error: ProxyError) -> None:
         req = self.current
+        if req is not None and req.probe and req.service is not None:
+            req.probe = False
+            req.service.limiter.probe_lost()
         if req is not None and req.t_up:
             req.up_ns += perf_counter_ns() - req.t_up
         self._finish_local(error, UPSTREAM_FAILED)

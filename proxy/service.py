@@ -6,9 +6,12 @@ pieces to the exact bytes sent to the venue. ``authproxy sign`` calls the same f
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from keycache.ring import KeyRing, LiveKey
 from proxy.config import ServiceConfig
@@ -17,6 +20,7 @@ from proxy.http11 import build_request, drop_set, forwardable_headers, normalize
 from proxy.metrics import ServiceMetrics
 from proxy.ratelimit import limiter_for
 from proxy.signers import VENUES, KeySigner, SignerContext, Venue
+from proxy.venue_limits import limits_for
 
 # Headers an engine may send that never reach a venue: hop-by-hop and framing headers,
 # the sidecar's own, and every venue's credential headers (the sidecar sets those).
@@ -104,16 +108,21 @@ class ServiceRuntime:
     __slots__ = (
         "clock_offset_ms",
         "config",
+        "costs",
         "fallbacks",
         "host_line",
         "keys",
         "limiter",
         "metrics",
         "name",
+        "park_timer",
+        "parked",
         "pool",
+        "reads_usage",
         "route",
         "venue",
         "venue_drop",
+        "wait_us",
     )
 
     def __init__(self, config: ServiceConfig, keys: KeySet | None) -> None:
@@ -129,11 +138,20 @@ class ServiceRuntime:
         # venue clock minus ours, from proxy.clock; added to every timestamp we sign
         self.clock_offset_ms = 0
         rates = config.rate_limit
+        # What the venue counts (its windows, each endpoint's weight, its usage headers).
+        self.costs = limits_for(config.venue)
+        self.reads_usage = self.costs.reads_headers
         # The service's budget, shared by every engine connection (proxy.ratelimit).
         self.limiter = limiter_for(
             rates.requests_per_second if rates else None,
             rates.requests_per_minute if rates else None,
+            self.costs.windows,
         )
+        # on_limit.wait_ms: requests over the budget wait here, in arrival order, for up
+        # to wait_us (proxy.server parks them; one timer per service releases them).
+        self.wait_us = config.on_limit_wait_ms * 1000
+        self.parked: deque[Any] = deque()
+        self.park_timer: asyncio.TimerHandle | None = None
         self.fallbacks = 0  # requests re-signed with the other key of an overlap pair
         # proxy.metrics.ServiceMetrics, bound at start-up when metrics are on
         self.metrics: ServiceMetrics | None = None
