@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     rotator.add_argument("--audit-log", type=Path)
 
     demo = sub.add_parser("demo", help="run a local venue simulator and the sidecar, send orders")
-    demo.add_argument("--orders", type=int, default=2000)
+    demo.add_argument("--orders", type=int, default=120, help="in all (Binance: 100 per 10 s)")
     demo.add_argument("--connections", type=int, default=4)
     return p
 

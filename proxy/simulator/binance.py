@@ -57,6 +57,7 @@ MAX_AHEAD_MS = 1000
 # Rate-limit windows the response headers report (IP weight per minute, orders per 10 s
 # and per day), as listed by exchangeInfo's rateLimits.
 WEIGHT_WINDOW_MS = 60_000
+WEIGHT_LIMIT = 6000  # REQUEST_WEIGHT per minute per IP (exchangeInfo's rateLimits)
 ORDER_WINDOW_10S_MS = 10_000
 ORDER_WINDOW_1D_MS = 86_400_000
 
@@ -137,6 +138,12 @@ ERR_UNKNOWN_ORDER = BinanceError(400, -2011, "Unknown order sent.")
 ERR_NO_SUCH_ORDER = BinanceError(400, -2013, "Order does not exist.")
 ERR_DUPLICATE_ORDER = BinanceError(400, -2010, "Duplicate order sent.")
 ERR_LOT_SIZE = BinanceError(400, -1013, "Filter failure: LOT_SIZE")
+ERR_TOO_MUCH_WEIGHT = BinanceError(
+    429,
+    -1003,
+    "Too much request weight used; current limit is 6000 request weight per 1 MINUTE. "
+    "Please use WebSocket Streams for live updates to avoid polling the API.",
+)
 ERR_PRICE_FILTER = BinanceError(400, -1013, "Filter failure: PRICE_FILTER")
 
 
@@ -484,6 +491,10 @@ class FixedWindowCounter:
         self._counts[key] = (window, total)
         return total
 
+    def set(self, key: str, now_ms: int, total: int) -> None:
+        """Make ``key``'s current window total ``total``."""
+        self._counts[key] = (now_ms // self._window_ms, total)
+
     def peek(self, key: str, now_ms: int) -> int:
         """The current window's total for ``key`` (0 if nothing counted yet)."""
         current_window, total = self._counts.get(key, (-1, 0))
@@ -805,6 +816,7 @@ class BinanceVenue(SwappedKeys[BinanceKey]):
         """All Binance routes the simulator serves."""
         signed = self._signed_handler
         return [
+            web.post("/__sim/binance/weight", self._set_weight),
             web.get("/api/v3/ping", self._ping),
             web.get("/api/v3/time", self._time),
             web.get("/api/v3/exchangeInfo", self._exchange_info),
@@ -863,12 +875,37 @@ class BinanceVenue(SwappedKeys[BinanceKey]):
         used = self._weights.add(_remote(request), self._clock(), weight)
         return {USED_WEIGHT_HEADER: str(used)}
 
+    def _over_weight(self, request: web.Request, headers: dict[str, str]) -> web.Response | None:
+        """Over the IP's weight limit: 429 -1003 with Retry-After until the window resets
+        (the request's own weight still counts, as at Binance)."""
+        if int(headers[USED_WEIGHT_HEADER]) <= WEIGHT_LIMIT:
+            return None
+        now = self._clock()
+        left_ms = WEIGHT_WINDOW_MS - now % WEIGHT_WINDOW_MS
+        headers["Retry-After"] = str(-(-left_ms // 1000))
+        return self._error(request, ERR_TOO_MUCH_WEIGHT, headers)
+
+    async def _set_weight(self, request: web.Request) -> web.Response:
+        """``POST /__sim/binance/weight?used=N``: the caller's IP has used N weight in this
+        minute, as if another host behind the same IP had (tests of the sidecar's
+        correction; ``used=0`` puts it back). Answers the previous and the new count."""
+        raw = request.query.get("used", "")
+        if not raw.isdigit():
+            return web.json_response({"error": "used must be a non-negative integer"}, status=400)
+        remote, now = _remote(request), self._clock()
+        before = self._weights.peek(remote, now)
+        self._weights.set(remote, now, int(raw))
+        return web.json_response({"before": before, "used": int(raw)})
+
     def _signed_handler(
         self, endpoint: _Signed
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.Response:
             query = raw_query(request)
             headers = self._start(request, endpoint.weight(query))
+            over = self._over_weight(request, headers)
+            if over is not None:
+                return over
             body = b""
             # Binance reads parameters from a form body only, and never from a GET's body.
             if request.method != "GET" and request.content_type == FORM_CONTENT_TYPE:
@@ -1112,7 +1149,7 @@ def exchange_info(symbols: Sequence[SymbolInfo], now: int) -> dict[str, object]:
                 "rateLimitType": "REQUEST_WEIGHT",
                 "interval": "MINUTE",
                 "intervalNum": 1,
-                "limit": 6000,
+                "limit": WEIGHT_LIMIT,
             },
             {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
             {"rateLimitType": "ORDERS", "interval": "DAY", "intervalNum": 1, "limit": 200000},
