@@ -231,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
     def share(self, service: ServiceRuntime) -> Share:
         share = self.shares.get(service)
         if share is None:
-            share = self.shares[service] = Share.of(service.limiter)
+            share = self.shares[service] = Share()
         return share
 
     # asyncio callbacks

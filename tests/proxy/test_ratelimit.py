@@ -115,6 +115,7 @@ def test_refusal_says_how_long_to_wait_and_charges_nothing() -> None:
     assert lim.admit(10_100 * MS) == 0
     assert lim.admit(10_200 * MS) == 0
     assert lim.admit(10_300 * MS) == 700 * MS  # next window starts at 11 s
+    lim.sync()
     assert lim.windows[0].used == 2
     assert lim.admit(11_000 * MS) == 0
     lim = Limiter((Window(SECOND, 10, WEIGHT),))
@@ -139,6 +140,7 @@ def test_venue_counter_raises_the_local_count() -> None:
     assert lim.admit(t + 10 * MS, weight=1) == 0
     assert lim.admit(t + 20 * MS, weight=1) > 0
     lim.observe_used(t + 30 * MS, WEIGHT, MINUTE, 3)  # lower than ours: ignored
+    lim.sync()
     assert lim.windows[0].used == 100
     lim.observe_used(t + 30 * MS, ORDERS, MINUTE, 10**6)  # a unit it does not count
     assert lim.windows[0].used == 100
@@ -165,8 +167,8 @@ def test_a_stop_holds_everything_then_lets_one_probe_through() -> None:
 
 def test_one_engine_cannot_starve_another() -> None:
     lim = limiter_for(10, None)
-    lim.paces = ()  # the windows' arithmetic alone
-    flooder, other = Share.of(lim), Share.of(lim)
+    lim.pace = None  # the windows' arithmetic alone
+    flooder, other = Share(), Share()
     t = 3 * SECOND
     # Alone, an engine may use the whole budget.
     assert sum(lim.admit(t + i, share=flooder) == 0 for i in range(20)) == 10
@@ -191,7 +193,7 @@ def test_fair_share_bounds_each_engine_once_both_send(order: list[bool], limit: 
     """Once both engines have sent in a window, neither is admitted beyond ceil(limit / 2)
     (what one took before the other appeared stays taken)."""
     lim = Limiter((Window(SECOND, limit),))
-    shares = (Share.of(lim), Share.of(lim))
+    shares = (Share(), Share())
     got = [0, 0]
     seen = [False, False]
     before_other = [0, 0]  # admitted before the other engine's first request
