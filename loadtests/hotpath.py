@@ -29,10 +29,12 @@ from keycache.record import make_record
 from keycache.ring import build_ring
 from proxy.config import ServiceConfig
 from proxy.metrics import Metrics
+from proxy.ratelimit import limiter_for
 from proxy.runtime import new_event_loop
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
 from proxy.upstream import UpstreamConnection, UpstreamPool
+from proxy.venue_limits import BINANCE
 
 REQUEST = (
     b"POST /binance/api/v3/order?symbol=BTCUSDT&side=BUY&type=LIMIT&timeInForce=GTC"
@@ -99,6 +101,11 @@ def build(
         pool_size=1,
     )
     runtime = ServiceRuntime(svc, None)
+    # Binance's real windows, scaled up so that a run of any length stays admitted: what is
+    # measured is the full check of every request, not the refusal path.
+    runtime.limiter = limiter_for(
+        10**9, 10**10, tuple((unit, width, limit * 10**6) for unit, width, limit in BINANCE.windows)
+    )
     runtime.keys = KeySet(ring, runtime.venue, svc)
     pool = UpstreamPool(svc, loop)
     runtime.pool = pool

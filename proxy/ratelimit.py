@@ -240,9 +240,17 @@ class Limiter:
     def observe_used(self, now_us: int, unit: int, width_us: int, used: int) -> None:
         """The venue says it has counted ``used`` units in its current ``width_us`` window:
         never count less than the venue does (others on the same IP count too)."""
-        self._invalidate()
+        pending = (
+            self._base_r - self._room_r,
+            self._base_w - self._room_w,
+            self._base_o - self._room_o,
+        )[unit]
         for w in self.windows:
             if w.unit == unit and w.width_us == width_us:
+                if w.start_us <= now_us < w.start_us + width_us and used <= w.used + pending:
+                    continue  # the usual case: the venue counts what we sent, or less
+                self._invalidate()
+                pending = 0
                 start = now_us - now_us % width_us
                 if start != w.start_us:
                     w.roll(start)

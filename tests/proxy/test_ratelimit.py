@@ -207,3 +207,37 @@ def test_fair_share_bounds_each_engine_once_both_send(order: list[bool], limit: 
     for e in (0, 1):
         if seen[not e]:
             assert got[e] <= max(half, before_other[e])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=3 * SECOND),  # gap
+            st.one_of(st.none(), st.integers(min_value=0, max_value=120)),  # venue's count
+        ),
+        max_size=300,
+    ),
+    limit=st.integers(min_value=1, max_value=100),
+)
+def test_after_the_venue_reports_a_count_only_the_rest_of_the_limit_is_admitted(
+    events: list[tuple[int, int | None]], limit: int
+) -> None:
+    """Whatever the venue reports mid-window (ahead of us, behind us), our admissions
+    after the report stay within what the report left of that window's limit."""
+    lim = limiter_for(None, None, ((WEIGHT, 60_000, limit),))
+    now = 10**12
+    reports: list[tuple[int, int]] = []  # (time, count)
+    admitted: list[int] = []
+    for gap, count in events:
+        now += gap
+        if count is None:
+            if lim.admit(now, weight=1) == 0:
+                admitted.append(now)
+        else:
+            lim.observe_used(now, WEIGHT, MINUTE, count)
+            reports.append((now, count))
+    for t, count in reports:
+        window = t // MINUTE
+        after = sum(1 for a in admitted if a >= t and a // MINUTE == window)
+        assert after <= max(0, limit - count)
