@@ -38,9 +38,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from keycache import secretjson
 from keycache.errors import KeyFileError, KeyRecordError
 from keycache.record import KeyMeta, parse_record
-from keycache.securemem import wipe_bytearray
+from keycache.securemem import wipe_bytearray, wipe_str
 
 __all__ = [
     "FORMAT_VERSION",
@@ -723,9 +724,19 @@ def _parse_json(plain: bytearray) -> tuple[object, str | None]:
 
     Never raises: json's exceptions carry the document text, which holds secrets.
     """
+    # Decoded once from the buffer (json.loads(bytes) would make a text copy it cannot
+    # wipe), parsed with secretjson (no stray partial copies of escaped values such as a
+    # PEM), and the text zeroed before it is dropped.
+    text: str | None = None
     try:
-        return json.loads(plain, object_pairs_hook=_reject_duplicate_names), None
+        with memoryview(plain) as view:
+            text = str(view, "utf-8")
+        return secretjson.loads(text, object_pairs_hook=_reject_duplicate_names), None
     except _DuplicateNameError as exc:
         return None, f"has a duplicate field {exc.name!r}"
     except (ValueError, RecursionError):
         return None, "is not valid JSON"
+    finally:
+        if text is not None:
+            wipe_str(text)
+        del text

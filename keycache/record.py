@@ -23,20 +23,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keycache.errors import KeyRecordError
+from keycache.securemem import SecureBuffer, wipe_str
 
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_ALGORITHM",
     "HMAC_ALGORITHMS",
     "PEM_ALGORITHMS",
+    "SECRET_FIELDS",
     "TIMESTAMP_FORMAT",
     "Algorithm",
     "KeyMeta",
+    "check_private_key",
     "compute_checksum",
     "format_timestamp",
     "make_record",
     "new_key_id",
     "parse_record",
+    "pem_body",
+    "scrub_record",
 ]
 
 Algorithm = Literal[
@@ -69,6 +74,7 @@ MIN_RSA_BITS: Final = 2048
 #: traditional "RSA PRIVATE KEY" / "EC PRIVATE KEY" forms are refused: the contract is
 #: PKCS#8, and one format means one code path in every signer.
 PKCS8_PEM_HEADER: Final = "-----BEGIN PRIVATE KEY-----"
+PKCS8_PEM_FOOTER: Final = "-----END PRIVATE KEY-----"
 
 _REQUIRED: Final = ("key_id", "secret_key", "created_at", "expires_at", "permissions", "checksum")
 _OPTIONAL: Final = ("algorithm", "passphrase", "activates_at")
@@ -158,20 +164,64 @@ def _parse_time(field: str, value: object) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _check_pem(algorithm: Algorithm, secret: str) -> None:
+def _check_pem(algorithm: Algorithm, secret: str, *, load: bool) -> None:
     """Check that ``secret`` is an unencrypted PKCS#8 PEM holding the key type of
-    ``algorithm``. Errors never echo the PEM; the foreign exception is dropped (``from
-    None``) so no parser detail about the key bytes reaches a traceback."""
-    if not secret.lstrip().startswith(PKCS8_PEM_HEADER):
+    ``algorithm`` (the key itself is parsed only if ``load``). Errors never echo the PEM."""
+    # Where the text starts, found without lstrip(): that would return a copy of the PEM.
+    start = 0
+    while start < len(secret) and secret[start].isspace():
+        start += 1
+    if not secret.startswith(PKCS8_PEM_HEADER, start):
         raise KeyRecordError(f"secret_key: must be a PKCS#8 PEM for algorithm {algorithm}")
     if not secret.isascii():
         raise KeyRecordError(f"secret_key: PEM for algorithm {algorithm} must be ASCII")
+    if not load:
+        return
+    # Parsed from a scratch locked buffer, PEM text and DER both, wiped at once: loading
+    # ``secret.encode()`` with load_pem_private_key would leave the PEM bytes and the
+    # decoded DER in freed memory (measured by tests/e2e/test_coredump.py).
+    body_start, body_end = pem_body(secret)
+    scratch = SecureBuffer(len(secret) * 2)
     try:
-        key = serialization.load_pem_private_key(secret.encode("ascii"), password=None)
+        pem_view = scratch.store_text(secret)
+        try:
+            der = scratch.store_base64(pem_view[body_start:body_end])
+        except ValueError:
+            raise KeyRecordError(
+                f"secret_key: must be a PKCS#8 PEM for algorithm {algorithm} (does not load)"
+            ) from None
+        check_private_key(algorithm, der)
+    finally:
+        scratch.wipe()
+
+
+def pem_body(secret: str) -> tuple[int, int]:
+    """Where the base64 body of a PKCS#8 PEM is in ``secret``: ``(start, end)`` indices
+    (the characters between the BEGIN and END lines). ``secret`` must have passed
+    :func:`parse_record`, so it is ASCII and character indices are byte offsets. Raises
+    KeyRecordError if the END line is missing."""
+    start = secret.find(PKCS8_PEM_HEADER)
+    end = secret.find(PKCS8_PEM_FOOTER, start + len(PKCS8_PEM_HEADER)) if start >= 0 else -1
+    if end < 0:
+        raise KeyRecordError("secret_key: PEM has no -----END PRIVATE KEY----- line")
+    return start + len(PKCS8_PEM_HEADER), end
+
+
+def check_private_key(algorithm: Algorithm, der: memoryview) -> None:
+    """Check that ``der`` (a PKCS#8 DER, typically a view into locked memory) loads as a
+    private key of ``algorithm``'s type. Parsing DER from the caller's buffer leaves no
+    decoded copy of the key behind (parsing a PEM leaves the base64-decoded DER in freed
+    memory). Raises KeyRecordError naming the field, never echoing key bytes."""
+    try:
+        key = serialization.load_der_private_key(der, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyRecordError(
             f"secret_key: must be a PKCS#8 PEM for algorithm {algorithm} (does not load)"
         ) from None
+    _check_key_type(algorithm, key)
+
+
+def _check_key_type(algorithm: Algorithm, key: object) -> None:
     ok: bool
     if algorithm == "ed25519":
         ok = isinstance(key, ed25519.Ed25519PrivateKey)
@@ -190,12 +240,18 @@ def _check_pem(algorithm: Algorithm, secret: str) -> None:
         )
 
 
-def parse_record(obj: Mapping[str, object]) -> tuple[KeyMeta, str, str | None]:
+def parse_record(
+    obj: Mapping[str, object], *, load_key: bool = True
+) -> tuple[KeyMeta, str, str | None]:
     """Validate one key record; return ``(meta, secret_key, passphrase)``.
 
     Strict: every field of DESIGN.md's record is checked, unknown fields are refused, and
     the checksum must match. Raises KeyRecordError whose message starts with the field
     path (``secret_key: ...``) and never contains a secret. Pure; no I/O.
+
+    ``load_key=False`` checks a PEM's form but does not parse the key: for a caller that
+    parses it itself from locked memory (:func:`keycache.ring.build_ring` with
+    :func:`check_private_key`), since parsing it here leaves copies in freed memory.
     """
     if not isinstance(obj, Mapping):
         raise KeyRecordError("record: must be a JSON object")
@@ -232,7 +288,7 @@ def parse_record(obj: Mapping[str, object]) -> tuple[KeyMeta, str, str | None]:
         if secret != secret.strip():
             raise KeyRecordError("secret_key: has leading or trailing whitespace")
     else:
-        _check_pem(algorithm, secret)
+        _check_pem(algorithm, secret, load=load_key)
 
     passphrase: str | None = None
     if "passphrase" in obj:
@@ -296,6 +352,23 @@ def parse_record(obj: Mapping[str, object]) -> tuple[KeyMeta, str, str | None]:
         expires_at_raw=expires_raw,
     )
     return meta, secret, passphrase
+
+
+#: The fields of a key record that hold secrets.
+SECRET_FIELDS: Final = ("secret_key", "passphrase")
+
+
+def scrub_record(record: dict[str, object]) -> None:
+    """Zero the secret strings of a record that was parsed from JSON (a Vault answer, the
+    decrypted key file; see :func:`keycache.securemem.wipe_str`) and empty the dict. Call
+    once the secret is in a ring; the record is unusable afterwards. Only for records
+    whose strings nobody else holds (not one a caller built from its own strings).
+    Never raises."""
+    for name in SECRET_FIELDS:
+        value = record.get(name)
+        if isinstance(value, str):
+            wipe_str(value)
+    record.clear()
 
 
 def make_record(

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 
 from keycache.errors import KeyRecordError, NoUsableKeyError
-from keycache.record import KeyMeta, parse_record
+from keycache.record import PEM_ALGORITHMS, KeyMeta, check_private_key, parse_record, pem_body
 from keycache.securemem import SecureBuffer, utf8_len
 
 __all__ = [
@@ -35,7 +35,10 @@ MAX_LIVE_VERSIONS = 2
 @dataclass(frozen=True, slots=True, eq=False)
 class LiveKey:
     """One live key version. ``secret`` (and ``passphrase``) are read-only views into the
-    ring's locked buffer; they are released when the ring is retired.
+    ring's locked buffer; they are released when the ring is retired. For a PEM key
+    (``ed25519``, ``rsa-pkcs1-sha256``, ``es256``) ``der`` is its PKCS#8 DER, decoded
+    into the same buffer: signers load the key from it (``load_der_private_key``), which
+    leaves no decoded copy behind as parsing the PEM does. None for HMAC keys.
 
     The secret never appears in ``repr``; ``eq=False`` keeps equality and hashing by
     identity, so comparing or hashing a LiveKey never touches (or leaks timing about) the
@@ -47,6 +50,7 @@ class LiveKey:
     meta: KeyMeta
     secret: memoryview = field(repr=False)
     passphrase: memoryview | None = field(repr=False, default=None)
+    der: memoryview | None = field(repr=False, default=None)
 
     @property
     def key_id(self) -> str:
@@ -164,6 +168,16 @@ def next_liveness_change(
     return moment
 
 
+def _store_der(buffer: SecureBuffer, pem: str, pem_view: memoryview, where: str) -> memoryview:
+    """Decode the base64 body of ``pem`` (already stored as ``pem_view``) into ``buffer``;
+    return the view of the DER. The body is read from the locked copy, not from the str."""
+    start, end = pem_body(pem)
+    try:
+        return buffer.store_base64(pem_view[start:end])
+    except ValueError:
+        raise KeyRecordError(f"{where}: secret_key: PEM body is not base64") from None
+
+
 def build_ring(
     service: str,
     versions: Sequence[tuple[int, Mapping[str, object]]],
@@ -195,7 +209,8 @@ def build_ring(
     parsed: dict[int, tuple[KeyMeta, str, str | None]] = {}
     for version, record in versions:
         try:
-            parsed_record = parse_record(record)
+            # The PEM is parsed below, from locked memory, not here (copies).
+            parsed_record = parse_record(record, load_key=False)
         except KeyRecordError as exc:
             raise KeyRecordError(f"{service} version {version}: {exc}") from None
         if version in parsed:
@@ -219,11 +234,13 @@ def build_ring(
     for version in live:
         if version in held:
             key = held[version]
-            total += key.secret.nbytes
-            total += key.passphrase.nbytes if key.passphrase is not None else 0
+            for view in (key.secret, key.passphrase, key.der):
+                total += view.nbytes if view is not None else 0
             continue
-        _, secret, passphrase = parsed[version]
+        meta, secret, passphrase = parsed[version]
         total += utf8_len(secret)
+        if meta.algorithm in PEM_ALGORITHMS:
+            total += len(secret) * 3 // 4 + 3  # the DER: at most 3 bytes per 4 of base64
         if passphrase is not None:
             total += utf8_len(passphrase)
     # SecureBuffer needs a positive size; an empty ring still owns one (unused) page so
@@ -236,18 +253,26 @@ def build_ring(
                 old = held[version]
                 secret_view = buffer.store(old.secret)
                 pass_view = buffer.store(old.passphrase) if old.passphrase is not None else None
-                keys.append(LiveKey(service, version, old.meta, secret_view, pass_view))
+                der_view = buffer.store(old.der) if old.der is not None else None
+                keys.append(LiveKey(service, version, old.meta, secret_view, pass_view, der_view))
                 continue
             meta, secret, passphrase = parsed[version]
             secret_view = buffer.store_text(secret)
             pass_view = buffer.store_text(passphrase) if passphrase is not None else None
-            keys.append(LiveKey(service, version, meta, secret_view, pass_view))
+            der_view = None
+            if meta.algorithm in PEM_ALGORITHMS:
+                der_view = _store_der(buffer, secret, secret_view, f"{service} version {version}")
+                try:
+                    check_private_key(meta.algorithm, der_view)
+                except KeyRecordError as exc:
+                    raise KeyRecordError(f"{service} version {version}: {exc}") from None
+            keys.append(LiveKey(service, version, meta, secret_view, pass_view, der_view))
     except BaseException:
         buffer.wipe()
         raise
     finally:
         # Drop our references to the secret strings at once; the str objects themselves
-        # cannot be wiped (documented in keycache.securemem).
+        # are wiped by the caller that owns the records (keycache.vault.scrub_record).
         parsed.clear()
     return KeyRing(
         service=service,

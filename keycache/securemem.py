@@ -5,11 +5,13 @@ kernel never writes it to swap) and advised ``MADV_DONTDUMP`` (so a core dump le
 out). Secrets are copied in once and handed out as *read-only* memoryviews; ``wipe()``
 zeroes the region, unlocks it, releases every view it handed out and unmaps it.
 
-Limits of what Python allows, stated once: the ``str``/``bytes`` objects a secret passed
-through before it got here (JSON text, the decrypted key file) cannot be wiped; this
-module only guarantees that the copy that lives for the lifetime of a key is locked,
-excluded from dumps and zeroed on retirement. ``store_text`` avoids the usual temporary
-``bytes`` copy for ASCII text.
+Limits of what Python allows, stated once: immutable ``bytes`` cannot be wiped, and a
+``str`` only by :func:`wipe_str` (CPython's layout, checked at import, and only a string
+the caller solely owns); this module guarantees that the copy that lives for the lifetime
+of a key is locked, excluded from dumps and zeroed on retirement. ``store_text`` and
+``store_base64`` fill the buffer without the usual temporary ``bytes`` copy (ASCII text;
+base64 such as a PEM body decoded straight into the buffer). What is left elsewhere is
+measured by ``tests/e2e/test_coredump.py`` (see THREAT_MODEL.md).
 
 Not thread-safe: the owner (a key ring) fills the buffer before publishing it and wipes it
 after it can no longer be reached by readers.
@@ -22,6 +24,7 @@ import ctypes.util
 import mmap
 import os
 import resource
+import sys
 from typing import Final
 
 from keycache.errors import MemoryLockError
@@ -34,11 +37,23 @@ __all__ = [
     "make_process_non_dumpable",
     "utf8_len",
     "wipe_bytearray",
+    "wipe_str",
 ]
 
 #: mlock/munlock work on whole pages; the region is sized in pages so no other data shares
 #: a locked page and so ``size`` matches what ``/proc/<pid>/maps`` shows.
 PAGE_SIZE: Final[int] = mmap.PAGESIZE
+
+
+#: Standard base64 (RFC 4648 section 4): the value of each byte, 0xFF where it is not a
+#: base64 digit; decoding by table needs no temporary copy of the secret.
+_B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_NOT_B64: Final = 0xFF
+_B64_VALUES: Final = bytes(
+    _B64_ALPHABET.index(c) if c in _B64_ALPHABET else _NOT_B64 for c in range(256)
+)
+_PAD: Final = ord("=")
+_WHITESPACE: Final = frozenset(b" \t\r\n\v\f")
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -126,6 +141,53 @@ def utf8_len(text: str) -> int:
     n = len(tmp)
     wipe_bytearray(tmp)
     return n
+
+
+def _header_sizes() -> tuple[int, int] | None:
+    """Offsets of the character data in CPython's compact strings: (ASCII, other).
+    None if this interpreter's layout is not the one we can check (then nothing is
+    wiped)."""
+    if sys.implementation.name != "cpython":
+        return None
+    ascii_header = sys.getsizeof("ab") - 3  # two characters plus the NUL terminator
+    other_header = sys.getsizeof("\xe9\xe9") - 3  # same, one byte per character (latin-1)
+    # Fresh, non-interned probes: their bytes must sit where we think.
+    probe = "".join(["w", "i", "p", "e"])
+    wide = "".join(["\u0101", "b"])  # two bytes per character
+    if ctypes.string_at(id(probe) + ascii_header, 4) != b"wipe":
+        return None
+    if ctypes.string_at(id(wide) + other_header, 4) != wide.encode("utf-16-le"):
+        return None
+    return ascii_header, other_header
+
+
+_HEADERS: Final = _header_sizes()
+#: Strings of 0 or 1 characters are shared singletons in CPython: never touch them.
+_MIN_WIPE_LEN: Final = 2
+
+
+def wipe_str(text: str) -> bool:
+    """Overwrite the characters of ``text`` with NULs in place; return True if done.
+
+    Only for a ``str`` the caller created and solely owns (a value json just decoded
+    from a Vault response): every holder of the object sees the zeros. Done only for
+    CPython's compact strings of 2+ characters (the layout is checked at import, and the
+    object's size must match it exactly); anything else is left alone and False
+    returned. The cached hash, if any, goes stale: such a string must only be dropped.
+    """
+    if _HEADERS is None or type(text) is not str:
+        return False
+    n = len(text)
+    if n < _MIN_WIPE_LEN:
+        return False
+    size = sys.getsizeof(text)
+    ascii_header, other_header = _HEADERS
+    layouts = ((ascii_header, 1),) if text.isascii() else ((other_header, k) for k in (1, 2, 4))
+    for header, kind in layouts:
+        if size == header + (n + 1) * kind:
+            ctypes.memset(id(text) + header, 0, n * kind)
+            return True
+    return False  # not a compact string (a subclass, or a cached UTF-8 copy attached)
 
 
 class SecureBuffer:
@@ -294,6 +356,48 @@ class SecureBuffer:
         mm = self._mm
         for i, ch in enumerate(text, start=off):
             mm[i] = ord(ch)
+        return self._view(off, n)
+
+    def store_base64(self, src: bytes | bytearray | memoryview) -> memoryview:
+        """Decode standard base64 text ``src`` (ASCII whitespace anywhere is skipped, as in
+        a PEM body) straight into the buffer; return a read-only view of the decoded bytes.
+
+        Decoded byte by byte: ``base64.b64decode`` would return the decoded secret as an
+        immutable ``bytes`` copy that could never be wiped. Raises ValueError, naming no
+        byte of the input, if it is not canonical base64, or if the buffer is full or wiped.
+        """
+        with memoryview(src) as text:
+            digits = 0
+            pad = 0
+            for c in text:
+                if c in _WHITESPACE:
+                    continue
+                if c == _PAD:
+                    pad += 1
+                    continue
+                if pad or _B64_VALUES[c] == _NOT_B64:
+                    raise ValueError("not base64 (bad character or padding)")
+                digits += 1
+            if (digits + pad) % 4 or pad > 2 or (digits + pad == 0):
+                raise ValueError("not base64 (length is not a multiple of 4)")
+            n = (digits + pad) // 4 * 3 - pad
+            off = self._reserve(n)
+            mm = self._mm
+            acc = bits = 0
+            pos = off
+            for c in text:
+                if c in _WHITESPACE or c == _PAD:
+                    continue
+                acc = (acc << 6 | _B64_VALUES[c]) & 0xFFFFFF
+                bits += 6
+                if bits >= 8:
+                    bits -= 8
+                    mm[pos] = (acc >> bits) & 0xFF
+                    pos += 1
+            if acc & ((1 << bits) - 1):
+                # Non-canonical: the padding's unused bits must be zero.
+                ctypes.memset(self._address + off, 0, n)
+                raise ValueError("not base64 (non-zero padding bits)")
         return self._view(off, n)
 
     def wipe(self) -> None:

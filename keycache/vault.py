@@ -39,29 +39,29 @@ json's ``str``, urllib3's and OpenSSL's buffers. Here: 0 for an HMAC secret, bec
   and its responses read the socket unbuffered (no ``BufferedReader`` buffer, freed
   unwiped, holding the whole small response);
 - :meth:`VaultSource.read_version` streams: the body goes from the socket into one
-  ``bytearray``, is decoded to one ``str`` and parsed by ``json``; the ``bytearray`` and
-  the text are zeroed at once (:func:`wipe_str`);
+  ``bytearray``, is decoded to one ``str`` and parsed by :mod:`keycache.secretjson`;
+  the ``bytearray`` and the text are zeroed at once (:func:`wipe_str`);
 - the record's ``secret_key``/``passphrase`` strings are zeroed by :func:`scrub_record`
   (:meth:`VaultSource.discard_record`) once the ring holds the secret: the watcher hands
   every record back that way.
 
-Left: for a PEM key, validating it (``keycache.record`` loads it with cryptography)
-leaves OpenSSL's decoded private key in freed memory (1 copy measured); writes
-(:meth:`VaultSource.write_version`) go through requests' JSON encoder unwiped. The Vault
-token itself is a ``str`` in many places (each request's headers): it is a credential
-with a TTL, not key material, and never logged.
+A PEM value is decoded by :mod:`keycache.secretjson` (``json``'s own decoder leaves
+partial copies of a value with escapes, as every PEM has, in freed memory) and its key is
+parsed only from locked memory (``keycache.record.check_private_key``): 0 copies of the
+PEM or of the decoded key measured, where parsing a bytes copy left 1.
+
+Left: writes (:meth:`VaultSource.write_version`) go through requests' JSON encoder
+unwiped. The Vault token itself is a ``str`` in many places (each request's headers): it
+is a credential with a TTL, not key material, and never logged.
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
-import json
 import random
 import re
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +82,7 @@ import requests.utils
 import urllib3
 import urllib3.connection
 
+from keycache import secretjson
 from keycache.errors import (
     KeyRecordError,
     KeyStoreConflict,
@@ -92,8 +93,12 @@ from keycache.errors import (
     KeyStoreUnavailable,
 )
 from keycache.filestore import SERVICE_NAME_RE
-from keycache.record import parse_record
-from keycache.securemem import wipe_bytearray
+from keycache.record import (
+    SECRET_FIELDS,  # noqa: F401 - re-exported: it lived here
+    parse_record,
+    scrub_record,
+)
+from keycache.securemem import wipe_bytearray, wipe_str
 from keycache.vaultauth import (
     AuthStatus,
     AuthTiming,
@@ -158,71 +163,6 @@ class VaultConfigLike(Protocol):
     def tls_ca_cert(self) -> Path | None: ...
     @property
     def auth(self) -> VaultAuthConfigLike: ...
-
-
-# -- wiping str objects -----------------------------------------------------------------
-
-
-def _header_sizes() -> tuple[int, int] | None:
-    """Offsets of the character data in CPython's compact strings: (ASCII, other).
-    None if this interpreter's layout is not the one we can check (then nothing is
-    wiped)."""
-    if sys.implementation.name != "cpython":
-        return None
-    ascii_header = sys.getsizeof("ab") - 3  # two characters plus the NUL terminator
-    other_header = sys.getsizeof("\xe9\xe9") - 3  # same, one byte per character (latin-1)
-    # Fresh, non-interned probes: their bytes must sit where we think.
-    probe = "".join(["w", "i", "p", "e"])
-    wide = "".join(["\u0101", "b"])  # two bytes per character
-    if ctypes.string_at(id(probe) + ascii_header, 4) != b"wipe":
-        return None
-    if ctypes.string_at(id(wide) + other_header, 4) != wide.encode("utf-16-le"):
-        return None
-    return ascii_header, other_header
-
-
-_HEADERS: Final = _header_sizes()
-#: Strings of 0 or 1 characters are shared singletons in CPython: never touch them.
-_MIN_WIPE_LEN: Final = 2
-
-
-def wipe_str(text: str) -> bool:
-    """Overwrite the characters of ``text`` with NULs in place; return True if done.
-
-    Only for a ``str`` the caller created and solely owns (a value json just decoded
-    from a Vault response): every holder of the object sees the zeros. Done only for
-    CPython's compact strings of 2+ characters (the layout is checked at import, and the
-    object's size must match it exactly); anything else is left alone and False
-    returned. The cached hash, if any, goes stale: such a string must only be dropped.
-    """
-    if _HEADERS is None or type(text) is not str:
-        return False
-    n = len(text)
-    if n < _MIN_WIPE_LEN:
-        return False
-    size = sys.getsizeof(text)
-    ascii_header, other_header = _HEADERS
-    layouts = ((ascii_header, 1),) if text.isascii() else ((other_header, k) for k in (1, 2, 4))
-    for header, kind in layouts:
-        if size == header + (n + 1) * kind:
-            ctypes.memset(id(text) + header, 0, n * kind)
-            return True
-    return False  # not a compact string (a subclass, or a cached UTF-8 copy attached)
-
-
-#: The fields of a key record that hold secrets.
-SECRET_FIELDS: Final = ("secret_key", "passphrase")
-
-
-def scrub_record(record: dict[str, object]) -> None:
-    """Zero the secret strings of a record returned by :meth:`VaultSource.read_version`
-    (see :func:`wipe_str`) and empty the dict. Call once the secret is in a ring; the
-    record is unusable afterwards. Never raises."""
-    for name in SECRET_FIELDS:
-        value = record.get(name)
-        if isinstance(value, str):
-            wipe_str(value)
-    record.clear()
 
 
 # -- the token on each request ----------------------------------------------------------
@@ -981,6 +921,7 @@ def _parse_json(text: str) -> tuple[object, str | None]:
     """Never raises: json's exceptions carry the whole document (``.doc``), secrets
     included."""
     try:
-        return json.loads(text), None
+        # secretjson: no stray partial copies of an escaped value (a PEM) on the heap.
+        return secretjson.loads(text), None
     except (ValueError, RecursionError):
         return None, "not valid JSON"

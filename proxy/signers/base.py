@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from keycache.ring import LiveKey
 from proxy.config import ServiceConfig
 from proxy.errors import SigningError
@@ -88,6 +91,21 @@ class Venue(Protocol):
         the loop for every non-2xx answer.
         """
         ...
+
+
+def load_private_key(key: LiveKey) -> Any:
+    """The private-key object of a PEM key, loaded from its DER in the ring's locked
+    buffer (``LiveKey.der``): parsing DER from our buffer leaves no decoded copy of the
+    key in freed memory, as parsing the PEM would. The object lives as long as the signer
+    that holds it, i.e. as long as the key is live; OpenSSL clears it when it is freed.
+    Raises SigningError (naming the key id, never key bytes)."""
+    try:
+        if key.der is not None:
+            return serialization.load_der_private_key(key.der, password=None)
+        # A LiveKey built without a DER view (tests build some by hand).
+        return serialization.load_pem_private_key(key.secret, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise SigningError(f"key {key.meta.key_id}: secret_key is not a usable PEM") from None
 
 
 def json_field(body: bytes, *path: str) -> Any:

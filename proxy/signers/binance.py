@@ -16,7 +16,7 @@ from __future__ import annotations
 from binascii import hexlify
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from keycache.ring import LiveKey
@@ -30,6 +30,7 @@ from proxy.signers.base import (
     has_param,
     header_line,
     json_field,
+    load_private_key,
     percent_b64,
     strip_params,
 )
@@ -94,10 +95,7 @@ class _BinanceSigner:
 
 
 def _load_private(key: LiveKey, kind: type[Any]) -> Any:
-    try:
-        private = serialization.load_pem_private_key(key.secret, password=None)
-    except (ValueError, TypeError) as exc:
-        raise SigningError(f"key {key.meta.key_id}: secret_key is not a usable PEM") from exc
+    private = load_private_key(key)
     if not isinstance(private, kind):
         raise SigningError(f"key {key.meta.key_id}: PEM is not a {key.meta.algorithm} key")
     return private

@@ -18,7 +18,7 @@ import base64
 from binascii import hexlify
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keycache.ring import LiveKey
@@ -31,6 +31,7 @@ from proxy.signers.base import (
     TimeEndpoint,
     header_line,
     json_field,
+    load_private_key,
 )
 
 
@@ -60,10 +61,7 @@ class _BybitSigner:
 
             self._sign_payload = sign_hmac
         elif algorithm == "rsa-pkcs1-sha256":
-            try:
-                private = serialization.load_pem_private_key(key.secret, password=None)
-            except (ValueError, TypeError) as exc:
-                raise SigningError(f"key {self.key_id}: secret_key is not a usable PEM") from exc
+            private = load_private_key(key)
             if not isinstance(private, rsa.RSAPrivateKey):
                 raise SigningError(f"key {self.key_id}: PEM is not an RSA key")
             pad, sha = padding.PKCS1v15(), hashes.SHA256()

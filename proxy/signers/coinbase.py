@@ -32,7 +32,7 @@ from binascii import hexlify
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -46,6 +46,7 @@ from proxy.signers.base import (
     TimeEndpoint,
     header_line,
     json_field,
+    load_private_key,
 )
 
 JWT_LIFETIME_S = 120  # "Your JWT expires after 2 minutes" (the SDK's exp = nbf + 120)
@@ -65,10 +66,7 @@ class _CoinbaseJwtSigner:
     def __init__(self, key: LiveKey, host: str) -> None:
         self.key_id = key.meta.key_id
         algorithm = key.meta.algorithm
-        try:
-            private = serialization.load_pem_private_key(key.secret, password=None)
-        except (ValueError, TypeError) as exc:
-            raise SigningError(f"key {self.key_id}: secret_key is not a usable PEM") from exc
+        private = load_private_key(key)
         kid = json.dumps(self.key_id).encode()  # JSON string literal, escaped once
         if algorithm == "es256":
             if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(

@@ -256,3 +256,42 @@ def test_next_liveness_change() -> None:
     assert next_liveness_change([(1, v1), (2, v2)], T0 + D, OVERLAP) == T0 + D + 30 * H
     assert next_liveness_change([(1, v1)], T0, OVERLAP) is None
     assert next_liveness_change([(1, v1), (2, meta(T0 + D))], T0 + 3 * D, OVERLAP) is None
+
+
+def test_pem_keys_carry_their_der_in_the_same_locked_buffer(pems: dict[str, str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    record = hmac_record(secret_key=pems["rsa"], algorithm="rsa-pkcs1-sha256")
+    ring = build_ring("svc", [(1, record)], now=T0, overlap=OVERLAP)
+    key = ring.signing_key(T0)
+    private = serialization.load_pem_private_key(pems["rsa"].encode(), password=None)
+    der = private.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert key.der is not None and key.der.readonly and key.der.tobytes() == der
+    # Carried into the next ring (a rotation or revocation), the DER comes along.
+    carried = build_ring("svc", [], now=T0, overlap=OVERLAP, carried=[key])
+    assert carried.keys[0].der is not None and carried.keys[0].der.tobytes() == der
+    ring.retire()
+    assert carried.keys[0].der.tobytes() == der
+    carried.retire()
+    hmac_ring = build_ring("svc", [(1, hmac_record())], now=T0, overlap=OVERLAP)
+    assert hmac_ring.keys[0].der is None
+    hmac_ring.retire()
+
+
+def test_a_pem_that_does_not_load_is_refused_naming_service_and_version(
+    pems: dict[str, str],
+) -> None:
+    lines = pems["ed25519"].splitlines()
+    body = lines[1]
+    broken = "\n".join([lines[0], body[:-4] + "!!!!", *lines[2:]])
+    for secret in (broken, pems["p256"]):
+        # The checksum does not cover the secret: swap it into a valid record.
+        record = hmac_record(secret_key=pems["ed25519"], algorithm="ed25519")
+        record["secret_key"] = secret
+        with pytest.raises(KeyRecordError, match=r"^svc version 7: secret_key: ") as info:
+            build_ring("svc", [(7, record)], now=T0, overlap=OVERLAP)
+        assert body not in str(info.value)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import _hashlib
+import base64
 import ctypes
 import hmac
 import pickle
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keycache.securemem import PAGE_SIZE, SecureBuffer, utf8_len, wipe_bytearray
 
@@ -238,3 +241,34 @@ print(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), make_process_non_dumpable(),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "True", "0"]
+
+
+@given(st.binary(min_size=1, max_size=300), st.integers(min_value=1, max_value=80))
+def test_store_base64_decodes_like_b64decode_with_whitespace_anywhere(
+    raw: bytes, width: int
+) -> None:
+    text = base64.b64encode(raw)
+    wrapped = b"\n".join(text[i : i + width] for i in range(0, len(text), width))
+    buf = SecureBuffer(len(raw))
+    try:
+        view = buf.store_base64(b"\t" + wrapped + b"\r\n")
+        assert view.readonly and view.tobytes() == raw
+        assert buf.used == len(raw)  # exactly the decoded size is reserved
+    finally:
+        buf.wipe()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"", b"   ", b"QUJD!", b"QUI", b"QUI=Q", b"Q===", b"QQ=A", b"QR==", b"QUJDRA=", b"=QUJ"],
+)
+def test_store_base64_refuses_what_is_not_canonical_base64(bad: bytes) -> None:
+    buf = SecureBuffer(64)
+    try:
+        with pytest.raises(ValueError, match="not base64") as info:
+            buf.store_base64(bad)
+        assert str(info.value).startswith("not base64")
+        # Nothing of a refused input is left in the buffer.
+        assert ctypes.string_at(buf.address, 64) == bytes(64)
+    finally:
+        buf.wipe()
