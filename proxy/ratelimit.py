@@ -107,10 +107,26 @@ class Limiter:
     _base_o: int = field(default=0, repr=False)
     _fair: Window | None = field(default=None, repr=False)  # the fairness window
     _fair_n: int = field(default=0, repr=False)  # engines sharing it
+    # A tenth of the smallest weight and order limits: below that room, ``near_limit``.
+    _near_w: int = field(default=0, repr=False)
+    _near_o: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         requests = [w for w in self.windows if w.unit == REQUESTS]
         self._fair = min(requests, key=lambda w: w.width_us) if requests else None
+        for unit in (WEIGHT, ORDERS):
+            limits = [w.limit for w in self.windows if w.unit == unit]
+            near = min(limits) // 10 + 1 if limits else 0
+            if unit == WEIGHT:
+                self._near_w = near
+            else:
+                self._near_o = near
+
+    def near_limit(self) -> bool:
+        """Whether a venue window (weight, orders) has less than a tenth of its room left
+        (as of the last refresh or charge): the venue's counters are then read on every
+        answer rather than sampled (``proxy.server``)."""
+        return self._room_w < self._near_w or self._room_o < self._near_o
 
     def admit(
         self, now_us: int, weight: int = 1, orders: int = 0, share: Share | None = None
@@ -240,11 +256,12 @@ class Limiter:
     def observe_used(self, now_us: int, unit: int, width_us: int, used: int) -> None:
         """The venue says it has counted ``used`` units in its current ``width_us`` window:
         never count less than the venue does (others on the same IP count too)."""
-        pending = (
-            self._base_r - self._room_r,
-            self._base_w - self._room_w,
-            self._base_o - self._room_o,
-        )[unit]
+        if unit == REQUESTS:
+            pending = self._base_r - self._room_r
+        elif unit == WEIGHT:
+            pending = self._base_w - self._room_w
+        else:
+            pending = self._base_o - self._room_o
         for w in self.windows:
             if w.unit == unit and w.width_us == width_us:
                 if w.start_us <= now_us < w.start_us + width_us and used <= w.used + pending:

@@ -120,6 +120,7 @@ class ServiceRuntime:
         "pool",
         "reads_usage",
         "route",
+        "usage_due",
         "venue",
         "venue_drop",
         "wait_us",
@@ -141,6 +142,7 @@ class ServiceRuntime:
         # What the venue counts (its windows, each endpoint's weight, its usage headers).
         self.costs = limits_for(config.venue)
         self.reads_usage = self.costs.reads_headers
+        self.usage_due = 0.0  # when the venue's usage headers are next read (proxy.server)
         # The service's budget, shared by every engine connection (proxy.ratelimit).
         self.limiter = limiter_for(
             rates.requests_per_second if rates else None,

@@ -26,7 +26,7 @@ Sources (the venues' rate-limit pages, current at the time of writing):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.ratelimit import ORDERS, WEIGHT, Limiter
 
@@ -74,6 +74,20 @@ class VenueLimits:
     used: tuple[Used, ...] = ()
     left: tuple[Left, ...] = ()
     marker: bytes = b""  # every usage header starts with it: one scan rules the rest out
+    # header name (lowercase, no CRLF) -> what it says; built from used and left
+    by_name: Mapping[bytes, Used | Left] = field(default_factory=dict)
+
+    # the marker as venues spell it: lowercase (HTTP/2 style), upper, canonical
+    markers: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        headers: tuple[Used | Left, ...] = (*self.used, *self.left)
+        names = {h.name[2:-1]: h for h in headers}
+        object.__setattr__(self, "by_name", names)
+        m = self.marker.decode("ascii").removeprefix("\r\n")
+        canonical = "-".join(p[:1].upper() + p[1:] for p in m.split("-"))
+        spellings = dict.fromkeys(("\r\n" + x).encode() for x in (m, m.upper(), canonical))
+        object.__setattr__(self, "markers", tuple(spellings) if m else ())
 
     def cost(self, method: bytes, path: bytes) -> Cost:
         costs = self.costs
@@ -104,26 +118,45 @@ def header_int(low_head: bytes, name: bytes) -> int | None:
 
 def observe(limits: VenueLimits, limiter: Limiter, raw: bytes, now_us: int, venue_ms: int) -> None:
     """Correct ``limiter`` from a response's usage headers. ``now_us`` is the limiter's
-    clock, ``venue_ms`` the venue's (for its reset timestamps)."""
+    clock, ``venue_ms`` the venue's (for its reset timestamps).
+
+    Per response, no copy of the head: the marker is looked for in each spelling venues
+    use (``x-mbx-``, ``X-MBX-``, ``X-Mbx-``), and only a found header's name is lowercased.
+    (A name in any other mix of cases is not seen.)"""
     head_end = raw.find(b"\r\n\r\n")
-    low = raw[: head_end if head_end >= 0 else len(raw)].lower()
-    if limits.marker not in low:
-        return
-    for u in limits.used:
-        value = header_int(low, u.name)
-        if value is not None:
-            limiter.observe_used(now_us, u.unit, u.width_ms * 1000, value)
-    for q in limits.left:
-        value = header_int(low, q.name)
-        if value is None or value > 0:
-            continue
-        wait_ms = q.wait_ms
-        if q.reset is not None:
-            reset = header_int(low, q.reset)
-            if reset is not None:
-                wait_ms = max(reset * q.reset_unit_ms - venue_ms, 0)
-        if wait_ms:
-            limiter.block(now_us, wait_ms * 1000)
+    if head_end < 0:
+        head_end = len(raw)
+    by_name = limits.by_name
+    block_ms = 0
+    for marker in limits.markers:
+        at = raw.find(marker, 0, head_end)
+        while at >= 0:
+            colon = raw.find(b":", at, head_end)
+            if colon < 0:
+                break
+            end = raw.find(b"\r\n", colon, head_end)
+            if end < 0:
+                end = head_end
+            header = by_name.get(raw[at + 2 : colon].lower())
+            if header is not None:
+                try:
+                    value = int(raw[colon + 1 : end])
+                except ValueError:
+                    value = -1
+                if value < 0:
+                    pass
+                elif isinstance(header, Used):
+                    limiter.observe_used(now_us, header.unit, header.width_ms * 1000, value)
+                elif value == 0:  # a Left header: none left
+                    wait_ms = header.wait_ms
+                    if header.reset is not None:
+                        reset = header_int(raw[:head_end].lower(), header.reset)
+                        if reset is not None:
+                            wait_ms = max(reset * header.reset_unit_ms - venue_ms, 0)
+                    block_ms = max(block_ms, wait_ms)
+            at = raw.find(marker, end, head_end)
+    if block_ms:
+        limiter.block(now_us, block_ms * 1000)
 
 
 def _query_int(query: bytes, name: bytes, default: int) -> int:

@@ -227,17 +227,17 @@ def test_after_the_venue_reports_a_count_only_the_rest_of_the_limit_is_admitted(
     after the report stay within what the report left of that window's limit."""
     lim = limiter_for(None, None, ((WEIGHT, 60_000, limit),))
     now = 10**12
-    reports: list[tuple[int, int]] = []  # (time, count)
-    admitted: list[int] = []
-    for gap, count in events:
+    reports: list[tuple[int, int, int]] = []  # (event index, time, count)
+    admitted: list[tuple[int, int]] = []  # (event index, time)
+    for i, (gap, count) in enumerate(events):
         now += gap
         if count is None:
             if lim.admit(now, weight=1) == 0:
-                admitted.append(now)
+                admitted.append((i, now))
         else:
             lim.observe_used(now, WEIGHT, MINUTE, count)
-            reports.append((now, count))
-    for t, count in reports:
+            reports.append((i, now, count))
+    for i, t, count in reports:
         window = t // MINUTE
-        after = sum(1 for a in admitted if a >= t and a // MINUTE == window)
+        after = sum(1 for j, a in admitted if j > i and a // MINUTE == window)
         assert after <= max(0, limit - count)
