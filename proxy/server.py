@@ -447,17 +447,23 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(pool, UpstreamPool)
         pool.submit(Exchange(self, data, req.method))
 
-    def _fall_back(self, req: _Request, status: int, raw: bytes) -> bool:
+    def _fall_back(self, req: _Request, status: int, raw: bytes, passthrough: bool) -> bool:
         """Re-sign once with the other live key when the venue refused this key.
 
         Only on a definitive *key not accepted* answer (the venue's classifier), only once
         per request, and only while an overlap window gives another live key. Returns
-        whether the request went out again.
+        whether the request went out again. A success is not even read unless the venue
+        refuses keys with a 2xx status (Bybit, Kraken, OKX, Deribit): an overlap lasts a
+        day, and every answer passes here during it.
         """
         service, used = req.service, req.signer
         if req.fell_back or service is None or used is None or service.keys is None:
             return False
-        if service.venue.classify(status, ParsedResponse(raw).body) is not Rejection.KEY_REJECTED:
+        if status < 300 and not service.key_refusal_in_2xx:
+            return False
+        # A passthrough answer is Content-Length framed: its body is what follows the head.
+        body = raw[raw.find(b"\r\n\r\n") + 4 :] if passthrough else ParsedResponse(raw).body
+        if service.venue.classify(status, body) is not Rejection.KEY_REJECTED:
             return False
         now = self.router.clock()
         other = service.keys.fallback_for(used, now)
@@ -516,7 +522,7 @@ class ClientConnection(asyncio.Protocol):
         # Only while two keys are live can a refused key be retried; some venues (Bybit,
         # Kraken) refuse keys with HTTP 200 and the verdict in the body, so the status
         # alone cannot rule it out.
-        if req.overlap and self._fall_back(req, status, raw):
+        if req.overlap and self._fall_back(req, status, raw, passthrough):
             return
         self.current = None
         if passthrough and req.keep_alive and req.method != b"HEAD":

@@ -111,6 +111,7 @@ class ServiceRuntime:
         "costs",
         "fallbacks",
         "host_line",
+        "key_refusal_in_2xx",
         "keys",
         "limiter",
         "metrics",
@@ -133,6 +134,8 @@ class ServiceRuntime:
         self.venue: Venue = VENUES[config.venue]
         # Engine headers a venue's signer replaces (Gemini sets its own Content-Type).
         self.venue_drop: frozenset[bytes] = getattr(self.venue, "replaces_headers", frozenset())
+        # Whether a 2xx answer can still be "key not accepted" (its body decides).
+        self.key_refusal_in_2xx: bool = getattr(self.venue, "key_refusal_in_2xx", False)
         self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
         self.keys = keys
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime

@@ -125,6 +125,9 @@ def _server_time(body: bytes) -> float:
 class BybitVenue:
     """Bybit v5 unified API (spot, linear, inverse, option share one signing scheme)."""
 
+    # Refuses a key with a 2xx status and the verdict in the body (proxy.server reads
+    # the body of a success only for such venues, during an overlap).
+    key_refusal_in_2xx = True
     name = "bybit"
     credential_headers = frozenset(
         {

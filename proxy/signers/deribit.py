@@ -94,6 +94,9 @@ def _server_time(body: bytes) -> float:
 class DeribitVenue:
     """Deribit (www.deribit.com, ``/api/v2/private/...``)."""
 
+    # Refuses a key with a 2xx status and the verdict in the body (proxy.server reads
+    # the body of a success only for such venues, during an overlap).
+    key_refusal_in_2xx = True
     name = "deribit"
     credential_headers = frozenset({b"authorization"})
     time_endpoint: TimeEndpoint | None = TimeEndpoint(b"/api/v2/public/get_time", _server_time)

@@ -166,6 +166,9 @@ TIME_ENDPOINT = TimeEndpoint(b"/0/public/Time", server_time)
 class KrakenVenue:
     """Kraken spot REST (api.kraken.com, ``/0/private/...``)."""
 
+    # Refuses a key with a 2xx status and the verdict in the body (proxy.server reads
+    # the body of a success only for such venues, during an overlap).
+    key_refusal_in_2xx = True
     name = "kraken"
     credential_headers = frozenset({b"api-key", b"api-sign"})
     time_endpoint: TimeEndpoint | None = None
