@@ -36,7 +36,13 @@ APT_TIMEOUT_S = 600.0
 # "no", so installing nginx does not also start the system nginx on port 80.
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 PORT_ATTEMPTS = 3  # free_port() can race with another process taking the port
-ORDER_BODY = '{"symbol":"BTCUSDT","orderId":1,"status":"NEW"}'
+# Each venue's new-order success, shaped as the venue sends it: the sidecar inspects
+# answers (a Bybit refusal comes as HTTP 200 with a retCode), so the shape matters.
+ORDER_BODY = '{"symbol":"BTCUSDT","orderId":1,"status":"NEW"}'  # Binance POST /api/v3/order
+BYBIT_ORDER_BODY = (  # Bybit v5 POST /v5/order/create
+    '{"retCode":0,"retMsg":"OK","result":{"orderId":"1","orderLinkId":""},'
+    '"retExtInfo":{},"time":1764370000000}'
+)
 # Temp-path directives per module: Debian compiles absolute paths under /var/lib/nginx in,
 # so each instance points them into its own prefix.
 _TEMP_PATH_DIRECTIVES = {
@@ -158,6 +164,9 @@ def render_upstream_conf(
         location = /api/v3/order {{
             return 200 '{ORDER_BODY}';
         }}
+        location = /v5/order/create {{
+            return 200 '{BYBIT_ORDER_BODY}';
+        }}
         location / {{
             return 404 '{{"code":-1,"msg":"bench upstream: unknown path"}}';
         }}
@@ -173,10 +182,11 @@ def render_proxy_conf(
     ca_file: Path,
     tls_name: str,
     without: frozenset[str] = frozenset(),
+    route: str = "/venue",
 ) -> str:
     """nginx.conf of the nginx send path: plain HTTP in, TLS keep-alive pool out.
 
-    `location /binance/` + `proxy_pass https://up/` strips the prefix, so the engine sends
+    `location <route>/` + `proxy_pass https://up/` strips the prefix, so the engine sends
     the same path to nginx as to the sidecar.
     """
     top, temp = _main_context(prefix, without)
@@ -193,7 +203,7 @@ def render_proxy_conf(
     }}
     server {{
         listen {LOOPBACK}:{port};
-        location /binance/ {{
+        location {route}/ {{
             proxy_pass https://up/;
             proxy_http_version 1.1;
             proxy_set_header Connection "";

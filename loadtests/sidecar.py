@@ -30,8 +30,8 @@ from loadtests.pki import write_private_file
 from loadtests.procs import LOOPBACK, affinity_of, pin_preexec, stop_process, tail
 
 SERVICE = "bench"
-VENUE = "binance"
-ROUTE = "/binance"
+VENUE = "bybit"  # the default; see loadtests/README.md ("Which venue")
+ROUTE = "/venue"  # the engine's path prefix on the sidecar and on nginx
 KEY_TYPE = "exchange_api"
 READY_TIMEOUT_S = 30.0
 IMPORT_TIMEOUT_S = 60.0
@@ -156,11 +156,16 @@ def render_config(
     ca_file: Path,
     policy: dict[str, Any],
     extra_service: dict[str, Any] | None = None,
+    keystore: dict[str, Any] | None = None,
+    venue: str = VENUE,
 ) -> dict[str, Any]:
     """The sidecar config: only fields of the design's contract (the validator refuses
-    unknown ones), plus whatever `extra_service` merges into the service's block."""
+    unknown ones), plus whatever `extra_service` merges into the service's block.
+
+    The key store is the encrypted file in `run_dir` unless `keystore` replaces it (the
+    Vault scenarios pass `vault_keystore(...)`)."""
     service: dict[str, Any] = {
-        "venue": VENUE,
+        "venue": venue,
         "key_type": KEY_TYPE,
         "upstream": f"https://{LOOPBACK}:{upstream_port}",
         "route": ROUTE,
@@ -172,13 +177,41 @@ def render_config(
     return {
         "listen": {"address": LOOPBACK, "port": 0},
         "admin": {"address": LOOPBACK, "port": 0},
-        "keystore": {
+        "keystore": keystore
+        or {
             "backend": "file",
             "file": {"path": str(run_dir / "keys.enc"), "kek_file": str(run_dir / "kek.key")},
         },
         "services": {SERVICE: service},
         "api_key_policy": policy,
     }
+
+
+def vault_keystore(
+    address: str, ca_file: Path, token_file: Path, prefix: str, poll_interval_ms: int
+) -> dict[str, Any]:
+    """The `keystore` block for OpenBao/Vault KV v2 at secret/data/<prefix>/<service>."""
+    return {
+        "backend": "vault",
+        "vault": {
+            "address": address,
+            "mount_path": "secret",
+            "path_prefix": prefix,
+            "tls_verify": True,
+            "tls_ca_cert": str(ca_file),
+            "auth": {"method": "token", "token_file": str(token_file)},
+            "poll_interval_ms": poll_interval_ms,
+        },
+    }
+
+
+def parse_log_event(line: bytes) -> dict[str, Any] | None:
+    """The sidecar's structured log line as a mapping, if `line` is one."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def parse_ready_line(line: bytes) -> Ready | None:
@@ -226,6 +259,13 @@ def authproxy_executable() -> Path:
     return Path(sys.executable).parent / "authproxy"
 
 
+def write_config(run_dir: Path, config: dict[str, Any]) -> Path:
+    """Write the sidecar config into `run_dir`; return its path."""
+    config_path = run_dir / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_path
+
+
 def prepare(exe: Path, run_dir: Path, config: dict[str, Any]) -> Path:
     """Write the KEK and the config, import one test key; return the config path.
 
@@ -234,8 +274,7 @@ def prepare(exe: Path, run_dir: Path, config: dict[str, Any]) -> Path:
     if not exe.exists():
         raise SidecarError(f"{exe} not found (is the project installed in this venv?)")
     write_private_file(run_dir / "kek.key", secrets.token_bytes(KEK_BYTES))
-    config_path = run_dir / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path = write_config(run_dir, config)
     record = make_key_record(dt.datetime.now(dt.UTC))
     cmd = [str(exe), "keys", "import", "--config", str(config_path), "--service", SERVICE]
     try:
@@ -266,6 +305,12 @@ class Sidecar:
     stdout_log: Path
     stderr_log: Path
     pumps: list[threading.Thread]
+    # Every structured log line and when it was read (perf_counter_ns), appended by the
+    # pumps: how the scenarios see when the sidecar swapped keys or lost its key store.
+    events: list[tuple[int, dict[str, Any]]]
+
+    def events_since(self, t_ns: int, name: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+        return [(t, e) for t, e in list(self.events) if t >= t_ns and name in (None, e["event"])]
 
     def stop(self) -> int | None:
         """SIGTERM (drain), wait, SIGKILL if it hangs; returns its exit code."""
@@ -278,14 +323,25 @@ class Sidecar:
         return affinity_of(self.proc.pid)
 
 
-def _pump(stream: IO[bytes], log: Path, name: str, ready: queue.Queue[tuple[str, Ready]]) -> None:
+def _pump(
+    stream: IO[bytes],
+    log: Path,
+    name: str,
+    ready: queue.Queue[tuple[str, Ready]],
+    events: list[tuple[int, dict[str, Any]]],
+) -> None:
     """Copy one of the sidecar's output streams into `log` for its whole life (a full pipe
-    would block it) and hand the first ready event seen on it to `ready`."""
+    would block it), time-stamp its structured events into `events`, and hand the first
+    ready event seen on it to `ready`."""
     found = False
     with log.open("ab") as out:
         for line in iter(stream.readline, b""):
+            seen = time.perf_counter_ns()
             out.write(line)
             out.flush()
+            logged = parse_log_event(line)
+            if logged is not None:
+                events.append((seen, logged))
             if not found:
                 event = parse_ready_line(line)
                 if event is not None:
@@ -314,8 +370,9 @@ def start(exe: Path, config_path: Path, run_dir: Path, cpu: int | None) -> Sidec
     assert proc.stdout is not None
     assert proc.stderr is not None
     ready: queue.Queue[tuple[str, Ready]] = queue.Queue()
+    events: list[tuple[int, dict[str, Any]]] = []
     pumps = [
-        threading.Thread(target=_pump, args=(stream, log, name, ready), daemon=True)
+        threading.Thread(target=_pump, args=(stream, log, name, ready, events), daemon=True)
         for stream, log, name in (
             (proc.stdout, stdout_log, "stdout"),
             (proc.stderr, stderr_log, "stderr"),
@@ -331,7 +388,9 @@ def start(exe: Path, config_path: Path, run_dir: Path, cpu: int | None) -> Sidec
             if proc.poll() is not None:
                 break
             continue
-        return Sidecar(proc, event.port, event.admin_port, ready_on, stdout_log, stderr_log, pumps)
+        return Sidecar(
+            proc, event.port, event.admin_port, ready_on, stdout_log, stderr_log, pumps, events
+        )
     exited = proc.poll()
     stop_process(proc, signal.SIGTERM, timeout_s=5)
     for pump in pumps:
