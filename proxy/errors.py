@@ -61,6 +61,13 @@ class HeadersTooLarge(ProxyError):
     status = 431
 
 
+class RequestTimeout(ProxyError):
+    """A request started but did not arrive whole in time (slow-loris)."""
+
+    code = "request_timeout"
+    status = 408
+
+
 # --- Errors of the sidecar's state or its upstream: the engine may retry later. ---------
 
 
@@ -74,6 +81,13 @@ class RateLimited(ProxyError):
     def __init__(self, message: str, retry_after_ms: int) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class TooManyConnections(ProxyError):
+    """The listener is at its connection cap; this connection is closed at once."""
+
+    code = "too_many_connections"
+    status = 503
 
 
 class NoUsableKey(ProxyError):

@@ -27,6 +27,8 @@ from proxy.errors import (
     HeadersTooLarge,
     ProxyError,
     RateLimited,
+    RequestTimeout,
+    TooManyConnections,
     UnknownRoute,
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
@@ -40,6 +42,10 @@ from proxy.venue_limits import observe as observe_usage
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
 MAX_HEADER_BYTES = 32 * 1024  # same reason; nginx's default large_client_header_buffers
 MAX_PIPELINED = 64  # requests queued per connection before we stop reading from it
+MAX_CONNECTIONS = 1024  # engine connections at once; beyond, 503 and close (floods)
+HEADER_TIMEOUT_S = 10.0  # a request's head must arrive whole within this (slow-loris)
+BODY_TIMEOUT_S = 30.0  # and its body within this from its first byte
+SWEEP_EVERY_S = 1.0  # how often partial requests are checked (timeouts are this coarse)
 
 
 class _Request:
@@ -189,7 +195,19 @@ class _LocalError:
 class Router:
     """Maps a route (``/binance``) to its service. Built once; swapped whole on reload."""
 
-    __slots__ = ("clock", "connections", "max_body", "metrics", "on_fallback", "routes")
+    __slots__ = (
+        "body_timeout",
+        "clock",
+        "connections",
+        "header_timeout",
+        "live",
+        "max_body",
+        "max_connections",
+        "metrics",
+        "on_fallback",
+        "routes",
+        "sweeper",
+    )
 
     def __init__(
         self,
@@ -199,6 +217,9 @@ class Router:
         clock: Callable[[], float] = time.time,
         on_fallback: Callable[[str, str, str], None] | None = None,
         metrics: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT_S,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> None:
         self.routes: dict[bytes, ServiceRuntime] = {s.route: s for s in services.values()}
         self.max_body = max_body
@@ -207,6 +228,35 @@ class Router:
         # Observe per-request metrics (each ServiceRuntime.metrics holds its children).
         self.metrics = metrics
         self.connections = 0  # open engine connections
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        # Every open connection, for the sweep that ends slow requests; the sweep runs
+        # only while a connection is open (no timer on an idle sidecar, none per request).
+        self.live: set[ClientConnection] = set()
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def track(self, conn: ClientConnection) -> None:
+        self.live.add(conn)
+        if self.sweeper is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # driven by hand, outside a loop (tests, benchmarks): they sweep
+            self.sweeper = loop.call_later(SWEEP_EVERY_S, self.sweep)
+
+    def sweep(self) -> None:
+        """End requests that have been arriving for too long: a connection seen in the
+        middle of the same request at two sweeps has been at it for SWEEP_EVERY_S more."""
+        self.sweeper = None
+        for conn in list(self.live):
+            conn.check_slow(self)
+        if self.live:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # driven by hand
+            self.sweeper = loop.call_later(SWEEP_EVERY_S, self.sweep)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -230,6 +280,11 @@ class ClientConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_len = 0
         self.shares: dict[ServiceRuntime, Share] = {}  # this engine's use of each budget
+        # slow-request sweep: requests begun, and at the last sweep which one was arriving
+        self.in_message = False
+        self.begun = 0
+        self.seen_begun = -1
+        self.slow_sweeps = 0
 
     def share(self, service: ServiceRuntime) -> Share:
         share = self.shares.get(service)
@@ -241,7 +296,13 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.router.connections += 1
+        router = self.router
+        router.connections += 1
+        if router.connections > router.max_connections:
+            self.broken = True
+            self._write_error(TooManyConnections("connection limit reached"), keep_alive=False)
+            return
+        router.track(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -269,11 +330,14 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.router.connections -= 1
+        self.router.live.discard(self)
         self.transport = None
         self.pending.clear()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self.in_message = True
+        self.begun += 1
         self._url = b""
         self._headers = []
         self._n_headers = 0
@@ -317,6 +381,11 @@ class ClientConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
+        if self.parser.should_upgrade():
+            # CONNECT, or Connection: upgrade: llhttp completes the message and then stops;
+            # it must not be signed and sent on the way out.
+            raise BadRequest("protocol upgrades are not supported")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         lines = self._headers
         if self._named:
@@ -345,6 +414,22 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if not self.processing and self.current is None:
             self._process()
+
+    def check_slow(self, router: Router) -> None:
+        """Called by the sweep: answer 408 and close if one request has been arriving for
+        longer than the header timeout (no body byte yet) or the body timeout."""
+        if not self.in_message or self.broken or self.transport is None:
+            self.seen_begun = -1
+            return
+        if self.seen_begun != self.begun:
+            self.seen_begun, self.slow_sweeps = self.begun, 0
+            return
+        self.slow_sweeps += 1
+        limit = router.body_timeout if self._body_len else router.header_timeout
+        if self.slow_sweeps * SWEEP_EVERY_S >= limit:
+            self.in_message = False
+            phase = "body" if self._body_len else "request head"
+            self._fail(RequestTimeout(f"the {phase} did not arrive within {limit:g} s"))
 
     # request handling
     def _fail(self, error: ProxyError) -> None:
