@@ -24,6 +24,7 @@ import httptools
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
+    Forbidden,
     HeadersTooLarge,
     ProxyError,
     RateLimited,
@@ -476,6 +477,12 @@ class ClientConnection(asyncio.Protocol):
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
             req.service = service
             req.path, req.query = path, query
+            access = service.access
+            if access is not None and not access.allows(req.method, path):
+                raise Forbidden(
+                    f"{req.method.decode('latin-1')} {path.decode('latin-1')} is not allowed"
+                    f" for service {service.name}"
+                )
         except ProxyError as exc:
             self._finish_local(exc)
             return

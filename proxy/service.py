@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keycache.ring import KeyRing, LiveKey
+from proxy.access import Access
 from proxy.config import ServiceConfig
 from proxy.errors import BadRequest, NoUsableKey
 from proxy.http11 import build_request, drop_set, forwardable_headers, normalize_target_part
@@ -106,6 +107,7 @@ class ServiceRuntime:
     """Everything the hot path needs for one service, precomputed at start-up."""
 
     __slots__ = (
+        "access",
         "clock_offset_ms",
         "config",
         "costs",
@@ -137,6 +139,9 @@ class ServiceRuntime:
         # Whether a 2xx answer can still be "key not accepted" (its body decides).
         self.key_refusal_in_2xx: bool = getattr(self.venue, "key_refusal_in_2xx", False)
         self.host_line = b"Host: %s\r\n" % config.host_header.encode("idna")
+        # What engines may call (proxy.access); set by the runtime from the config and the
+        # key type's permissions. None: no check (tools that sign one request, tests).
+        self.access: Access | None = None
         self.keys = keys
         self.pool: object | None = None  # the UpstreamPool, attached by the runtime
         # venue clock minus ours, from proxy.clock; added to every timestamp we sign
