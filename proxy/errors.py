@@ -41,6 +41,13 @@ class BadRequest(ProxyError):
     status = 400
 
 
+class Unauthorized(ProxyError):
+    """The listener requires a client token and this request has none it knows."""
+
+    code = "unauthorized"
+    status = 401
+
+
 class UnknownRoute(ProxyError):
     code = "unknown_route"
     status = 404

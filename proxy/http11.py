@@ -32,7 +32,8 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 # Headers an engine may send that only the sidecar itself is allowed to set.
-SIDECAR_HEADERS: frozenset[bytes] = frozenset({b"x-authproxy-error"})
+# The sidecar's own: never forwarded either way (an engine's client token stays here).
+SIDECAR_HEADERS: frozenset[bytes] = frozenset({b"x-authproxy-error", b"x-authproxy-token"})
 
 
 _RESPONSE_DROP = HOP_BY_HOP | SIDECAR_HEADERS

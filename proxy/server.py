@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import cast
 
@@ -30,6 +32,7 @@ from proxy.errors import (
     RateLimited,
     RequestTimeout,
     TooManyConnections,
+    Unauthorized,
     UnknownRoute,
 )
 from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
@@ -52,6 +55,7 @@ SWEEP_EVERY_S = 1.0  # how often partial requests are checked (timeouts are this
 class _Request:
     __slots__ = (
         "body",
+        "client",
         "deadline_us",
         "fell_back",
         "headers",
@@ -92,6 +96,7 @@ class _Request:
         self.fell_back = False
         self.overlap = False
         self.probe = False  # the one request let through after a venue's stop
+        self.client: Client | None = None  # who sent it, when the listener asks for tokens
         # its cost in the venue's units, and (parked under on_limit) how long it may wait
         self.weight = 1
         self.orders = 0
@@ -193,11 +198,37 @@ class _LocalError:
         self.error = error
 
 
+TOKEN_HEADER = b"x-authproxy-token"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """An engine known by its token: its name (for logs) and the services it may use."""
+
+    name: str
+    services: frozenset[str] | None  # None: all
+
+
+def peer_allowed(
+    sock: socket.socket, uids: frozenset[int] | None, gids: frozenset[int] | None
+) -> bool:
+    """On a unix socket, whether the peer's uid or gid (SO_PEERCRED) is allowed. With
+    neither set, every peer that can open the socket (mode 0660) is."""
+    if uids is None and gids is None:
+        return True
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, gid = struct.unpack("3i", creds)
+    return (uids is not None and uid in uids) or (gids is not None and gid in gids)
+
+
 class Router:
     """Maps a route (``/binance``) to its service. Built once; swapped whole on reload."""
 
     __slots__ = (
+        "allow_gids",
+        "allow_uids",
         "body_timeout",
+        "clients",
         "clock",
         "connections",
         "header_timeout",
@@ -221,6 +252,9 @@ class Router:
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT_S,
         body_timeout: float = BODY_TIMEOUT_S,
+        allow_uids: frozenset[int] | None = None,
+        allow_gids: frozenset[int] | None = None,
+        clients: Mapping[bytes, Client] | None = None,
     ) -> None:
         self.routes: dict[bytes, ServiceRuntime] = {s.route: s for s in services.values()}
         self.max_body = max_body
@@ -232,6 +266,10 @@ class Router:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        # who may call: unix-socket peers by uid/gid, and (when set) a token per request
+        self.allow_uids = allow_uids
+        self.allow_gids = allow_gids
+        self.clients = clients
         # Every open connection, for the sweep that ends slow requests; the sweep runs
         # only while a connection is open (no timer on an idle sidecar, none per request).
         self.live: set[ClientConnection] = set()
@@ -280,6 +318,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        self._token = b""
         self.shares: dict[ServiceRuntime, Share] = {}  # this engine's use of each budget
         # slow-request sweep: requests begun, and at the last sweep which one was arriving
         self.in_message = False
@@ -303,8 +342,16 @@ class ClientConnection(asyncio.Protocol):
             self.broken = True
             self._write_error(TooManyConnections("connection limit reached"), keep_alive=False)
             return
-        router.track(self)
         sock = transport.get_extra_info("socket")
+        if (
+            sock is not None
+            and sock.family == socket.AF_UNIX
+            and not peer_allowed(sock, router.allow_uids, router.allow_gids)
+        ):
+            self.broken = True
+            self._write_error(Forbidden("this user may not use the sidecar"), keep_alive=False)
+            return
+        router.track(self)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -337,6 +384,7 @@ class ClientConnection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._token = b""
         self.in_message = True
         self.begun += 1
         self._url = b""
@@ -374,6 +422,8 @@ class ClientConnection(asyncio.Protocol):
             tokens = {t.strip().lower() for t in value.split(b",")} - PLAIN_CONNECTION
             if tokens:
                 self._named = (self._named or set()) | tokens
+        elif lname == TOKEN_HEADER:
+            self._token = value
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -400,6 +450,8 @@ class ClientConnection(asyncio.Protocol):
             body,
             self.parser.should_keep_alive(),
         )
+        if self.router.clients is not None:
+            req.client = self.router.clients.get(self._token)
         if self.router.metrics:
             req.t0 = perf_counter_ns()
         if self.current is None and not self.pending and not self.processing:
@@ -477,6 +529,12 @@ class ClientConnection(asyncio.Protocol):
                 raise UnknownRoute(f"no service is routed at {route.decode('latin-1')}")
             req.service = service
             req.path, req.query = path, query
+            if router.clients is not None:
+                client = req.client
+                if client is None:
+                    raise Unauthorized("a known X-Authproxy-Token is required")
+                if client.services is not None and service.name not in client.services:
+                    raise Forbidden(f"client {client.name} may not use service {service.name}")
             access = service.access
             if access is not None and not access.allows(req.method, path):
                 raise Forbidden(
