@@ -231,6 +231,7 @@ class Router:
         "clients",
         "clock",
         "connections",
+        "draining",
         "header_timeout",
         "live",
         "max_body",
@@ -274,6 +275,23 @@ class Router:
         # only while a connection is open (no timer on an idle sidecar, none per request).
         self.live: set[ClientConnection] = set()
         self.sweeper: asyncio.TimerHandle | None = None
+        self.draining = False  # handing over: every answer closes its connection
+
+    def drain(self) -> None:
+        """Stop keeping connections: each one closes after its current answer (with
+        ``Connection: close``), so an engine's next request opens a new connection (to
+        the successor, which shares the listening socket). Idle connections are left to
+        ``close_idle``: closing one now could cross a request the engine is sending."""
+        self.draining = True
+
+    def close_idle(self) -> int:
+        """Close the connections with nothing in flight or arriving; return how many."""
+        closed = 0
+        for conn in list(self.live):
+            if conn.current is None and not conn.pending and not conn.in_message:
+                conn._close()
+                closed += 1
+        return closed
 
     def track(self, conn: ClientConnection) -> None:
         self.live.add(conn)
@@ -644,6 +662,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.t_up:
             req.up_ns += perf_counter_ns() - req.t_up
+        if self.router.draining:
+            req.keep_alive = False  # answered with Connection: close: the engine reconnects
         service = req.service
         if service is not None:
             if status in {429, 418} or (
@@ -708,6 +728,8 @@ class ClientConnection(asyncio.Protocol):
         if req is None or self.transport is None:
             return
         self.current = None
+        if self.router.draining:
+            req.keep_alive = False
         self._write_error(error, keep_alive=req.keep_alive)
         if outcome == RATE_LIMITED and req.service is not None and req.service.metrics:
             req.service.metrics.rate_limited += 1

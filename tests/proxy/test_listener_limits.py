@@ -129,3 +129,17 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(loop: asyncio.Abstrac
     again, again_t = listener.connect()  # room again
     again.data_received(ORDER + b"Content-Length: 0\r\n\r\n")
     assert len(listener.answer_all()) == 1 and not again_t.closed
+
+
+def test_draining_closes_each_connection_after_its_answer(loop: asyncio.AbstractEventLoop) -> None:
+    listener = Listener(loop)
+    busy, busy_t = listener.connect()
+    idle, idle_t = listener.connect()
+    busy.data_received(ORDER + b"Content-Length: 0\r\n\r\n")  # in flight at the venue
+    listener.router.drain()
+    assert listener.router.close_idle() == 1  # only the idle one
+    assert idle_t.closed and not busy_t.closed
+    listener.answer_all()
+    answer = b"".join(busy_t.written)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"\r\nConnection: close\r\n" in answer
+    assert busy_t.closed
