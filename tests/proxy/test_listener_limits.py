@@ -134,7 +134,7 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(loop: asyncio.Abstrac
 def test_draining_closes_each_connection_after_its_answer(loop: asyncio.AbstractEventLoop) -> None:
     listener = Listener(loop)
     busy, busy_t = listener.connect()
-    idle, idle_t = listener.connect()
+    _idle, idle_t = listener.connect()
     busy.data_received(ORDER + b"Content-Length: 0\r\n\r\n")  # in flight at the venue
     listener.router.drain()
     assert listener.router.close_idle() == 1  # only the idle one
