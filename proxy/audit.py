@@ -2,7 +2,8 @@
 
 Each line: ``timestamp`` (ISO-8601 UTC), ``event`` (the seed's names: KEY_REGISTERED,
 KEY_ROTATION_STARTED, KEY_ROTATION_COMPLETED, KEY_ARCHIVED, plus KEY_REVOKED,
-KEY_ROTATION_FAILED, KEY_EXPIRY_WARNING, KEY_VERIFIED, KEY_VERIFY_FAILED), ``service``,
+KEY_ROTATION_FAILED, KEY_EXPIRY_WARNING, KEY_VERIFIED, KEY_VERIFY_FAILED, and AUTH_REFUSED
+for a call an ingress refused: the caller's key id as presented, the error code), ``service``,
 ``key_id``, ``actor``, ``outcome`` (``success`` / ``failure`` / ``warning``) and an optional
 ``detail`` dict of public facts (versions, reasons). Events take key ids and versions
 only; :func:`event` has no parameter a secret could travel through except ``detail``,
@@ -19,7 +20,7 @@ import getpass
 import json
 import os
 import syslog
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ Event = Literal[
     "KEY_EXPIRY_WARNING",
     "KEY_VERIFIED",
     "KEY_VERIFY_FAILED",
+    "AUTH_REFUSED",
 ]
 EVENTS: Final = frozenset(Event.__args__)  # type: ignore[attr-defined]
 Outcome = Literal["success", "failure", "warning"]
@@ -96,6 +98,8 @@ class AuditLog:
     actor: str = field(default_factory=_actor)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     entries: list[dict[str, object]] = field(default_factory=list)
+    # False in the long-running sidecar: ``entries`` would grow with every refusal.
+    keep_entries: bool = True
 
     def record(
         self,
@@ -110,16 +114,25 @@ class AuditLog:
         entry = event(
             name, service, key_id, outcome, actor=self.actor, now=self.clock(), detail=detail
         )
-        self.entries.append(entry)
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n"
+        self.write([entry])
+
+    def write(self, entries: Sequence[dict[str, object]]) -> None:
+        """Write entries built with :func:`event`, all in one ``write`` (a batch of the
+        sidecar's ingress refusals). Raises OSError as :meth:`record` does."""
+        if not entries:
+            return
+        if self.keep_entries:
+            self.entries.extend(entries)
+        lines = [json.dumps(e, sort_keys=True, separators=(",", ":")) for e in entries]
         if self.path is not None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             try:
-                os.write(fd, line.encode())
+                os.write(fd, ("\n".join(lines) + "\n").encode())
             finally:
                 os.close(fd)
         if self.syslog_facility is not None:
             facility = _FACILITIES.get(self.syslog_facility.lower(), syslog.LOG_AUTH)
             syslog.openlog("authproxy", 0, facility)
-            priority = syslog.LOG_WARNING if outcome != "success" else syslog.LOG_INFO
-            syslog.syslog(priority, line.rstrip("\n"))
+            for entry, line in zip(entries, lines, strict=True):
+                success = entry.get("outcome") == "success"
+                syslog.syslog(syslog.LOG_INFO if success else syslog.LOG_WARNING, line)

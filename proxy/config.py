@@ -28,6 +28,13 @@ MAX_RECV_WINDOW_MS = 60000  # Binance refuses larger windows
 DEFAULT_POOL_SIZE = 2  # warm connections per upstream; one engine connection needs one
 MAX_POOL_SIZE = 64
 MAX_ON_LIMIT_WAIT_MS = 60_000  # on_limit.wait_ms: beyond a minute an order is stale anyway
+# ingress: docs/internal-auth.md's window (±30 s) and nonce bound; a window above five
+# minutes would make a captured request replayable for too long to call it "fresh".
+DEFAULT_MAX_SKEW_MS = 30_000
+MAX_MAX_SKEW_MS = 300_000
+DEFAULT_NONCE_CAPACITY = 100_000
+MAX_NONCE_CAPACITY = 10_000_000  # ~1 GB of nonces: beyond that the bound bounds nothing
+DEFAULT_INGRESS_POOL = 8  # keep-alive connections to the protected service, at most
 
 Backend = Literal["file", "vault"]
 AuthMethod = Literal["token", "approle", "kubernetes"]
@@ -136,6 +143,42 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IngressConfig:
+    """One ingress listener: verifies HFT-AUTH-V1 in front of a local internal service."""
+
+    service: str  # the internal service it protects (a name for logs, metrics, audit)
+    address: str  # an IP address, or "unix:/path"
+    port: int
+    upstream: str  # http://<loopback>:PORT, normalized
+    accept: tuple[str, ...]  # callers whose keys verify (key names in the store)
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+    nonce_capacity: int = DEFAULT_NONCE_CAPACITY
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    pool_size: int = DEFAULT_INGRESS_POOL
+    # tls: {cert_file, key_file}: callers on other hosts reach the ingress over TLS (the
+    # signature authenticates, it does not hide the body); required off loopback.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def unix_path(self) -> str | None:
+        return self.address[5:] if self.address.startswith("unix:") else None
+
+    @property
+    def upstream_host(self) -> str:
+        host = urlsplit(self.upstream).hostname
+        assert host is not None  # validated at load
+        return host
+
+    @property
+    def upstream_port(self) -> int:
+        port = urlsplit(self.upstream).port
+        assert port is not None  # validated at load
+        return port
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimits:
     requests_per_second: int | None
     requests_per_minute: int | None
@@ -194,7 +237,14 @@ class Config:
     api_key_policy: ApiKeyPolicy
     # Where signers keep state across restarts (Kraken/Gemini nonce high-water marks).
     state_dir: Path | None = None
+    # Ingress listeners verifying internal callers (docs/ingress.md); none by default.
+    ingress: tuple[IngressConfig, ...] = ()
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def callers(self) -> tuple[str, ...]:
+        """Every caller some ingress accepts, once each, in config order."""
+        return tuple(dict.fromkeys(c for ing in self.ingress for c in ing.accept))
 
     def effective(self) -> dict[str, Any]:
         """The effective configuration as plain data, for ``check-config``.
@@ -263,6 +313,31 @@ def parse_config(text: str, *, source: Path | None = None) -> Config:
 
 
 # --- validation ---------------------------------------------------------------------------
+
+
+def _name_ok(name: str) -> bool:
+    return bool(name) and name.replace("_", "").replace("-", "").isalnum()
+
+
+def _check_ports(config: Config) -> None:
+    """Two listeners on one fixed address and port cannot both bind: say which."""
+    taken: dict[tuple[str, int], str] = {}
+    listeners: list[tuple[str, str, int]] = [("listen", config.listen.address, config.listen.port)]
+    if config.admin is not None:
+        listeners.append(("admin", config.admin.address, config.admin.port))
+    for i, ing in enumerate(config.ingress):
+        where = f"ingress[{i}]" if len(config.ingress) > 1 else "ingress"
+        listeners.append((where, ing.address, ing.port))
+    for where, address, port in listeners:
+        key = (address, port)
+        if address.startswith("unix:"):
+            key = (address, 0)
+        elif port == 0:
+            continue
+        if key in taken:
+            field_name = "address" if address.startswith("unix:") else "port"
+            raise ConfigError(f"{where}.{field_name}", f"already used by {taken[key]}")
+        taken[key] = where
 
 
 def _join(path: str, key: str) -> str:
@@ -362,12 +437,31 @@ class _Validator:
         top = self.mapping(
             raw,
             "",
-            {"listen", "admin", "keystore", "memory", "services", "api_key_policy", "state_dir"},
+            {
+                "listen",
+                "admin",
+                "keystore",
+                "memory",
+                "services",
+                "api_key_policy",
+                "state_dir",
+                "ingress",
+            },
         )
         policy = self.req(top, "api_key_policy", "", self.policy)
-        services_raw = self.req(top, "services", "", self.mapping)
-        if not services_raw:
-            raise ConfigError("services", "at least one service is required")
+        no_ingress: tuple[IngressConfig, ...] = ()
+        ingress = self.opt(top, "ingress", "", self.ingress_list, no_ingress)
+        no_services: dict[str, Any] = {}
+        services_raw = self.opt(top, "services", "", self.mapping, no_services)
+        if not services_raw and not ingress:
+            # A sidecar only in front of an internal service signs nothing: no services.
+            raise ConfigError("services", "at least one service is required (or an ingress)")
+        if ingress and policy.global_settings.rotation_overlap_hours < 1:
+            # The retiring key must keep verifying while callers switch keys.
+            raise ConfigError(
+                "api_key_policy.global_settings.rotation_overlap_hours",
+                "must be at least 1 when an ingress verifies callers",
+            )
         services = {
             name: self.service(name, value, f"services.{name}", policy)
             for name, value in services_raw.items()
@@ -380,7 +474,7 @@ class _Validator:
                     f"{svc.route} is already the route of service {seen[svc.route]}",
                 )
             seen[svc.route] = svc.name
-        return Config(
+        config = Config(
             listen=self.req(top, "listen", "", self.listen),
             admin=self.opt(top, "admin", "", self.admin, None),
             keystore=self.req(top, "keystore", "", self.keystore),
@@ -388,8 +482,126 @@ class _Validator:
             services=services,
             api_key_policy=policy,
             state_dir=self.opt(top, "state_dir", "", self.filepath, None),
+            ingress=ingress,
             source=source,
         )
+        _check_ports(config)
+        return config
+
+    def ingress_list(self, value: Any, path: str) -> tuple[IngressConfig, ...]:
+        """``ingress:`` is one listener (a mapping) or several (a list of them)."""
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(path or "ingress", "must not be an empty list")
+            items = [self.ingress(v, f"ingress[{i}]") for i, v in enumerate(value)]
+        else:
+            items = [self.ingress(value, "ingress")]
+        seen: dict[str, str] = {}
+        for i, item in enumerate(items):
+            where = f"ingress[{i}]" if isinstance(value, list) else "ingress"
+            if item.service in seen:
+                raise ConfigError(
+                    f"{where}.service",
+                    f"{item.service} already has an ingress ({seen[item.service]})",
+                )
+            seen[item.service] = where
+        return tuple(items)
+
+    def ingress(self, value: Any, path: str) -> IngressConfig:
+        m = self.mapping(
+            value,
+            path,
+            {
+                "service",
+                "address",
+                "port",
+                "upstream",
+                "accept",
+                "max_skew_ms",
+                "nonce_capacity",
+                "timeout_ms",
+                "max_body_bytes",
+                "pool_size",
+                "tls",
+            },
+        )
+        service = self.req(m, "service", path, self.string)
+        if not _name_ok(service):
+            raise ConfigError(_join(path, "service"), "service names are letters, digits, _ and -")
+        accept = self.req(m, "accept", path, self.string_list)
+        if not accept:
+            raise ConfigError(_join(path, "accept"), "at least one caller is required")
+        for i, caller in enumerate(accept):
+            if not _name_ok(caller) or caller == "_revoked":
+                raise ConfigError(
+                    f"{_join(path, 'accept')}[{i}]", "caller names are letters, digits, _ and -"
+                )
+        if len(set(accept)) != len(accept):
+            raise ConfigError(_join(path, "accept"), "a caller is listed twice")
+        address = self.req(m, "address", path, lambda v, p: self.address(v, p, unix_ok=True))
+        tls = self.opt(m, "tls", path, self.tls_files, None)
+        off_loopback = not address.startswith("unix:") and not (
+            ipaddress.ip_address(address).is_loopback
+        )
+        if tls is None and off_loopback:
+            raise ConfigError(
+                _join(path, "tls"), "is required when the ingress listens off loopback"
+            )
+        return IngressConfig(
+            service=service,
+            address=address,
+            port=self.opt(m, "port", path, self.ranged(0, 65535), 0),
+            upstream=self.req(m, "upstream", path, self.local_upstream),
+            accept=accept,
+            max_skew_ms=self.opt(
+                m, "max_skew_ms", path, self.ranged(1, MAX_MAX_SKEW_MS), DEFAULT_MAX_SKEW_MS
+            ),
+            nonce_capacity=self.opt(
+                m,
+                "nonce_capacity",
+                path,
+                self.ranged(1, MAX_NONCE_CAPACITY),
+                DEFAULT_NONCE_CAPACITY,
+            ),
+            timeout_ms=self.opt(m, "timeout_ms", path, self.ranged(1, 600_000), DEFAULT_TIMEOUT_MS),
+            max_body_bytes=self.opt(
+                m, "max_body_bytes", path, self.ranged(0, 1 << 30), DEFAULT_MAX_BODY_BYTES
+            ),
+            pool_size=self.opt(
+                m, "pool_size", path, self.ranged(1, MAX_POOL_SIZE), DEFAULT_INGRESS_POOL
+            ),
+            tls_cert_file=tls[0] if tls else None,
+            tls_key_file=tls[1] if tls else None,
+        )
+
+    def tls_files(self, value: Any, path: str) -> tuple[Path, Path]:
+        m = self.mapping(value, path, {"cert_file", "key_file"})
+        return (
+            self.req(m, "cert_file", path, self.existing_file),
+            self.req(m, "key_file", path, self.existing_file),
+        )
+
+    def local_upstream(self, value: Any, path: str) -> str:
+        """``http://<loopback IP or localhost>:PORT``: the protected service is local,
+        and the hop after verification is plain HTTP, so it must never leave the host."""
+        text = self.string(value, path)
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or not port:
+            raise ConfigError(path, "must be http://127.0.0.1:PORT (a loopback address and port)")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ConfigError(path, "must be http://host:port with no path or query")
+        host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(path, "the protected service must be on loopback (127.0.0.1, ::1)")
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def listen(self, value: Any, path: str) -> ListenConfig:
         m = self.mapping(value, path, {"address", "port", "max_body_bytes"})
@@ -500,7 +712,7 @@ class _Validator:
     def service(self, name: Any, value: Any, path: str, policy: ApiKeyPolicy) -> ServiceConfig:
         from proxy.signers import VENUES  # the registry; imported late to keep config light
 
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        if not isinstance(name, str) or not _name_ok(name):
             raise ConfigError(path, "service names are letters, digits, _ and -")
         m = self.mapping(
             value,

@@ -96,6 +96,27 @@ class ServiceMetrics:
 
 OK, VENUE_ERROR, REJECTED, UPSTREAM_FAILED, RATE_LIMITED = range(len(OUTCOMES))
 
+#: Ingress request outcomes (stable label values): verified and answered by the protected
+#: service, refused by verification (401/400 auth codes), a malformed or oversized HTTP
+#: request, the protected service failed or timed out.
+INGRESS_OUTCOMES = ("ok", "refused", "bad_request", "upstream_failed")
+I_OK, I_REFUSED, I_BAD_REQUEST, I_UPSTREAM_FAILED = range(len(INGRESS_OUTCOMES))
+
+
+class IngressMetrics:
+    """One ingress listener's counters, bound once at start-up. ``refusals`` counts every
+    refusal by its error code (the codes of docs/internal-auth.md, fixed at start-up);
+    counting is one dict lookup and one addition, always on."""
+
+    __slots__ = ("keys_live", "name", "outcomes", "refusals", "verify")
+
+    def __init__(self, name: str, codes: Iterable[str]) -> None:
+        self.name = name
+        self.outcomes = [0] * len(INGRESS_OUTCOMES)
+        self.refusals: dict[str, int] = dict.fromkeys(codes, 0)
+        self.verify = Histogram()  # time to verify one request (all five steps + nonce)
+        self.keys_live = 0  # verification keys held over all accepted callers
+
 
 @dataclass(frozen=True, slots=True)
 class KeyGauge:
@@ -122,6 +143,7 @@ class SidecarState:
     callable runs on the loop and must not block."""
 
     services: Mapping[str, ServiceMetrics]
+    ingress: Mapping[str, IngressMetrics] = field(default_factory=dict)
     keys: Callable[[str], KeyGauge] = lambda _s: KeyGauge(0, None, None, None)
     store: Callable[[str], StoreGauge | None] = lambda _s: None
     fallbacks: Callable[[str], int] = lambda _s: 0
@@ -254,17 +276,59 @@ class SidecarCollector(Collector):
             t = GaugeMetricFamily(p + "vault_token_ttl_seconds", "Seconds left on the Vault token")
             t.add_metric([], ttl)
             yield t
+        yield from _ingress_families(st.ingress)
         start = GaugeMetricFamily(p + "start_time_seconds", "When the sidecar started")
         start.add_metric([], st.started)
         yield start
 
 
+def _ingress_families(ingress: Mapping[str, IngressMetrics]) -> Iterator[Metric]:
+    if not ingress:
+        return
+    p = PREFIX
+    req = CounterMetricFamily(
+        p + "ingress_requests",
+        "Requests at an ingress by outcome",
+        labels=["ingress", "outcome"],
+    )
+    ref = CounterMetricFamily(
+        p + "ingress_refusals",
+        "Requests an ingress refused, by error code",
+        labels=["ingress", "code"],
+    )
+    ver = HistogramMetricFamily(
+        p + "ingress_verify_duration_seconds",
+        "Time to verify one request's HFT-AUTH-V1 signature",
+        labels=["ingress"],
+    )
+    keys = GaugeMetricFamily(
+        p + "ingress_keys_live",
+        "Caller keys an ingress accepts right now",
+        labels=["ingress"],
+    )
+    for name in sorted(ingress):
+        m = ingress[name]
+        for i, outcome in enumerate(INGRESS_OUTCOMES):
+            req.add_metric([name, outcome], m.outcomes[i])
+        for code, count in sorted(m.refusals.items()):
+            ref.add_metric([name, code], count)
+        ver.add_metric([name], m.verify.buckets(), m.verify.total / 1e9)
+        keys.add_metric([name], m.keys_live)
+    yield from (req, ref, ver, keys)
+
+
 class Metrics:
     """The registry and the per-service children; built once at start-up."""
 
-    def __init__(self, services: Iterable[str]) -> None:
+    def __init__(
+        self, services: Iterable[str], ingress: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
+        """``ingress`` maps each ingress listener's name to its refusal codes."""
         self.services: dict[str, ServiceMetrics] = {s: ServiceMetrics(s) for s in services}
-        self.state = SidecarState(self.services)
+        self.ingress: dict[str, IngressMetrics] = {
+            name: IngressMetrics(name, codes) for name, codes in (ingress or {}).items()
+        }
+        self.state = SidecarState(self.services, self.ingress)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(self.state))
 

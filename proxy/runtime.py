@@ -13,10 +13,12 @@ import gc
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from keycache.errors import KeyCacheError
@@ -28,9 +30,19 @@ from keycache.securemem import disable_core_dumps, lock_all_memory, make_process
 from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
 from proxy.admin import AdminApi
+from proxy.audit import AuditLog
 from proxy.clock import ClockSync
-from proxy.config import Config, FileStoreConfig
+from proxy.config import Config, FileStoreConfig, IngressConfig
 from proxy.errors import ConfigError, NoUsableKey, ProxyError
+from proxy.ingress import (
+    REFUSAL_CODES,
+    Ingress,
+    IngressConnection,
+    KeyTable,
+    LocalPool,
+    RefusalAudit,
+    build_tables,
+)
 from proxy.logs import EventLog
 from proxy.metrics import KeyGauge, Metrics, StoreGauge
 from proxy.sdnotify import notify
@@ -83,7 +95,7 @@ def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dic
     overlap = timedelta(hours=config.api_key_policy.global_settings.rotation_overlap_hours)
     rings: dict[str, KeyRing] = {}
     try:
-        for name in config.services:
+        for name in key_names(config):
             versions = stored.get(name)
             if not versions:
                 raise StartupError(f"service {name} has no key in {config.keystore.file.path}")
@@ -99,6 +111,44 @@ def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dic
             ring.retire()
         raise
     return rings
+
+
+def key_names(config: Config) -> list[str]:
+    """Every key the sidecar holds: its services' (signing) and its ingress callers'
+    (verifying), each once. Both come from the same store and the same watcher."""
+    return list(dict.fromkeys([*config.services, *config.callers]))
+
+
+def ingress_audit_log(config: Config) -> tuple[AuditLog | None, str | None]:
+    """The audit log refusals go to (the policy's destination, and syslog if enabled),
+    and a warning when the destination's directory is missing (then syslog only, or
+    nowhere). Blocking (a stat): call in a thread."""
+    audit = config.api_key_policy.audit
+    path = Path(audit.log_destination) if audit.log_destination else None
+    warning = None
+    if path is not None and not path.parent.is_dir():
+        warning = f"audit log directory {path.parent} does not exist"
+        path = None
+    facility = audit.syslog_facility if audit.syslog_enabled else None
+    if path is None and facility is None:
+        return None, warning or "no audit destination configured"
+    return AuditLog(path, facility, actor="ingress", keep_entries=False), warning
+
+
+def ingress_ssl_context(cfg: IngressConfig) -> ssl.SSLContext | None:
+    """The ingress's server TLS context (TLS 1.2+), or None when it has no ``tls``.
+    Blocking (reads the files): call in a thread. Raises StartupError naming the field."""
+    if cfg.tls_cert_file is None or cfg.tls_key_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"ingress {cfg.service}: tls: cannot load the certificate: {exc}"
+        ) from exc
+    return ctx
 
 
 def signer_context(config: Config) -> SignerContext:
@@ -144,8 +194,16 @@ class Sidecar:
         self.context: SignerContext | None = None
         self._generation: dict[str, int] = {}
         self._swaps: set[asyncio.Task[None]] = set()
-        self.metrics = Metrics(config.services)
+        self.metrics = Metrics(
+            config.services, {ing.service: REFUSAL_CODES for ing in config.ingress}
+        )
         self.router: Router | None = None
+        # ingress: one key table and listener state per protected service
+        self.tables: dict[str, KeyTable] = {}
+        self.ingress: dict[str, Ingress] = {}
+        self._overlap = timedelta(
+            hours=config.api_key_policy.global_settings.rotation_overlap_hours
+        )
         self.serving = False
         self._fallbacks_logged: set[tuple[str, str, str]] = set()
 
@@ -160,7 +218,7 @@ class Sidecar:
         overlap = timedelta(hours=self.config.api_key_policy.global_settings.rotation_overlap_hours)
         watcher = KeyWatcher(
             source,
-            list(self.config.services),
+            key_names(self.config),
             overlap=overlap,
             poll_interval=timedelta(milliseconds=vault.poll_interval_ms),
             require_lock=self.config.memory.require_memory_lock,
@@ -186,10 +244,16 @@ class Sidecar:
             key_ids=list(ring.key_ids()),
             memory_locked=ring.buffer.locked,
         )
+        self._update_tables(service, ring)
         runtime = self.services.get(service)
-        if runtime is None:  # still starting: build_services will use self.rings
+        if runtime is None:
             if retired is not None:
-                retired.retire()
+                if service in self.config.services or not self.serving:
+                    retired.retire()  # still starting: build_services will use self.rings
+                else:
+                    # A caller's ring only: the key table keeps no view into it, but a
+                    # watcher build may still be copying from it; retire a little later.
+                    asyncio.get_running_loop().call_later(RETIRE_GRACE_S, retired.retire)
             return
         generation = self._generation.get(service, 0) + 1
         self._generation[service] = generation
@@ -197,6 +261,25 @@ class Sidecar:
         task = loop.create_task(self._swap(runtime, ring, retired, generation))
         self._swaps.add(task)
         task.add_done_callback(self._swaps.discard)
+
+    def _update_tables(self, caller: str, ring: KeyRing) -> None:
+        """A caller's ring changed: every ingress accepting it takes the new keys at once
+        (on the loop; keys a verifier holds include a newest one not yet signing)."""
+        if not self.tables:
+            return  # before the ingress starts: build_tables reads self.rings
+        now = datetime.now(UTC)
+        for name, table in self.tables.items():
+            if caller not in table.accept:
+                continue
+            revoked = table.update(caller, ring, now)
+            self.metrics.ingress[name].keys_live = len(table.keys)
+            self.log(
+                "ingress_keys",
+                ingress=name,
+                caller=caller,
+                key_ids=table.caller_key_ids(caller),
+                revoked_key_ids=revoked,
+            )
 
     async def _swap(
         self, runtime: ServiceRuntime, ring: KeyRing, retired: KeyRing | None, generation: int
@@ -317,8 +400,12 @@ class Sidecar:
             )
             host, port = server.sockets[0].getsockname()[:2]
             bound = {"address": host, "port": port}
+        ingress_servers, ingress_info = await self._start_ingress(loop, background, metrics_on)
         admin: AdminApi | None = None
         ready_info: dict[str, Any] = {"event": "ready", "listen": bound}
+        if ingress_info:
+            # One ingress: an object, as in the config; several: a list of them.
+            ready_info["ingress"] = ingress_info[0] if len(ingress_info) == 1 else ingress_info
         if admin_cfg is not None:
             admin = AdminApi(self, admin_cfg.token_file)
             host, port = await admin.start(admin_cfg.address, admin_cfg.port)
@@ -345,9 +432,14 @@ class Sidecar:
             for task in background:
                 task.cancel()
             server.close()
-            await _wait_drained(pools, DRAIN_TIMEOUT_S)
+            for ingress_server in ingress_servers:
+                ingress_server.close()
+            await _wait_drained(pools, DRAIN_TIMEOUT_S, [i.pool for i in self.ingress.values()])
             for pool in pools:
                 await pool.close()
+            for ing in self.ingress.values():
+                ing.pool.close()
+                await ing.audit.flush()
             if watcher is not None:
                 watcher.stop()
             if self.source is not None:
@@ -355,6 +447,90 @@ class Sidecar:
             for ring in self.rings.values():
                 ring.retire()
             self.log("stopped")
+
+    async def _start_ingress(
+        self, loop: asyncio.AbstractEventLoop, background: list[asyncio.Task[None]], timing: bool
+    ) -> tuple[list[asyncio.AbstractServer], list[dict[str, Any]]]:
+        """Bind every configured ingress listener; returns the servers and what the ready
+        line says about them. The key tables are filled from the rings loaded so far."""
+        if not self.config.ingress:
+            return [], []
+        log, warning = await asyncio.to_thread(ingress_audit_log, self.config)
+        if warning is not None:
+            self.log("ingress_audit_degraded", level="warning", reason=warning)
+        audit = RefusalAudit(
+            log, on_error=lambda m: self.log("audit_write_failed", level="warning", error=m)
+        )
+        background.append(loop.create_task(audit.run()))
+        self.tables = build_tables(
+            self.config.ingress, self.rings, self._overlap, datetime.now(UTC)
+        )
+        vault = self.config.keystore.vault
+        refresh_s = vault.poll_interval_ms / 1000 if vault is not None else 1.0
+        servers: list[asyncio.AbstractServer] = []
+        info: list[dict[str, Any]] = []
+        for cfg in self.config.ingress:
+            table = self.tables[cfg.service]
+            metrics = self.metrics.ingress[cfg.service]
+            metrics.keys_live = len(table.keys)
+            pool = LocalPool(
+                cfg.upstream_host,
+                cfg.upstream_port,
+                loop,
+                timeout_s=cfg.timeout_ms / 1000,
+                max_size=cfg.pool_size,
+            )
+            ingress = Ingress(
+                cfg,
+                table,
+                pool,
+                metrics,
+                audit,
+                on_unknown_key=self._refresher(cfg.accept),
+                refresh_interval_s=refresh_s,
+                timing=timing,
+            )
+            self.ingress[cfg.service] = ingress
+            self.log(
+                "ingress_keys",
+                ingress=cfg.service,
+                callers={c: table.caller_key_ids(c) for c in cfg.accept},
+            )
+
+            def factory(ing: Ingress = ingress) -> IngressConnection:
+                return IngressConnection(ing)
+
+            entry: dict[str, Any] = {"service": cfg.service}
+            tls = await asyncio.to_thread(ingress_ssl_context, cfg)
+            if cfg.unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg.unix_path)
+                srv = await loop.create_unix_server(factory, cfg.unix_path, backlog=1024, ssl=tls)
+                os.chmod(cfg.unix_path, 0o660)
+                entry["address"] = cfg.address
+            else:
+                srv = await loop.create_server(
+                    factory, cfg.address, cfg.port, backlog=1024, reuse_address=True, ssl=tls
+                )
+                host, port = srv.sockets[0].getsockname()[:2]
+                entry.update(address=host, port=port)
+            entry["upstream"] = cfg.upstream
+            entry["tls"] = tls is not None
+            servers.append(srv)
+            info.append(entry)
+        return servers, info
+
+    def _refresher(self, callers: tuple[str, ...]) -> Callable[[], None]:
+        """What an ingress calls on an unknown key id: poll its callers' keys now (the
+        watcher reads in its own thread; the ingress never waits for it)."""
+
+        def refresh() -> None:
+            watcher = self.watcher
+            if watcher is not None:
+                for caller in callers:
+                    watcher.poll_soon(caller)
+
+        return refresh
 
     def _on_fallback(self, service: str, used: str, other: str) -> None:
         """Log a fallback once per (service, refused key, retried key), never per
@@ -410,7 +586,7 @@ class Sidecar:
         return self.metrics.render()
 
     def has_service(self, service: str) -> bool:
-        return service in self.services
+        return service in self.services or service in self.config.callers
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready: serving, every service has a usable key and a warm upstream pool, and
@@ -439,6 +615,9 @@ class Sidecar:
                     last = snap.last_sync.timestamp() if snap.last_sync else None
                     if not snap.ready or last is None or now - last > grace:
                         problems[name] = f"key store {snap.state.value}"
+        for name, table in self.tables.items():
+            if not table.keys:
+                problems[f"ingress:{name}"] = "no caller key to verify with"
         if not self.serving:
             problems["sidecar"] = "not serving"
         return not problems, {"problems": problems}
@@ -495,11 +674,24 @@ class Sidecar:
                     "revoked_key_ids": sorted(st.revoked_key_ids),
                 }
             report[name] = entry
-        return {"backend": self.config.keystore.backend, "services": report}
+        out: dict[str, Any] = {"backend": self.config.keystore.backend, "services": report}
+        if self.tables:
+            out["ingress"] = {
+                name: {
+                    "callers": {c: table.caller_key_ids(c) for c in sorted(table.accept)},
+                    "revoked_key_ids": [k.decode("ascii") for k in table.revoked],
+                }
+                for name, table in self.tables.items()
+            }
+        return out
 
     async def revoke(self, service: str, key_id: str) -> bool:
         """Drop ``key_id`` from ``service``'s keys at once; True if a live key was dropped.
-        Returns once the new ring signs (the old one is wiped RETIRE_GRACE_S later)."""
+        Returns once the new ring signs (the old one is wiped RETIRE_GRACE_S later). An
+        ingress accepting ``service`` refuses the key as ``revoked_key`` from now on."""
+        for table in self.tables.values():
+            if service in table.accept:
+                table.mark_revoked(key_id.encode("ascii", "replace"))
         if self.watcher is not None:
             dropped = await self.watcher.revoke_now(service, key_id)
         else:
@@ -601,10 +793,14 @@ def _offset_setter(svc: ServiceRuntime) -> Callable[[float], None]:
     return apply
 
 
-async def _wait_drained(pools: list[UpstreamPool], timeout: float) -> None:
+async def _wait_drained(
+    pools: list[UpstreamPool], timeout: float, local: list[LocalPool] | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline and any(p.busy or p.waiters for p in pools):
+    while loop.time() < deadline and (
+        any(p.busy or p.waiters for p in pools) or any(p.in_flight for p in local or ())
+    ):
         await asyncio.sleep(0.01)
 
 

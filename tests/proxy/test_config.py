@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -170,3 +171,126 @@ def test_state_dir_is_optional_and_resolved_against_the_config(seed_policy_yaml:
         BASE + "state_dir: state\n" + seed_policy_yaml, source=Path("/etc/authproxy/a.yaml")
     )
     assert cfg.state_dir == Path("/etc/authproxy/state")
+
+
+# -- ingress ---------------------------------------------------------------------------------
+
+INGRESS = """\
+ingress:
+  service: risk_engine_service
+  address: 127.0.0.1
+  port: 8443
+  upstream: http://localhost:9000
+  accept: [order_router_service, position_service]
+"""
+
+
+def test_ingress_mapping_defaults_and_normalized_upstream(seed_policy_yaml: str) -> None:
+    cfg = parse_config(BASE + INGRESS + seed_policy_yaml)
+    (ing,) = cfg.ingress
+    assert ing.service == "risk_engine_service"
+    assert (ing.address, ing.port) == ("127.0.0.1", 8443)
+    assert ing.upstream == "http://127.0.0.1:9000"
+    assert (ing.upstream_host, ing.upstream_port) == ("127.0.0.1", 9000)
+    assert ing.accept == ("order_router_service", "position_service")
+    assert ing.max_skew_ms == 30_000 and ing.nonce_capacity == 100_000
+    assert cfg.callers == ("order_router_service", "position_service")
+    assert cfg.effective()["ingress"][0]["accept"] == ["order_router_service", "position_service"]
+
+
+def test_ingress_list_and_no_services(seed_policy_yaml: str) -> None:
+    raw = yaml.safe_load(BASE + seed_policy_yaml)
+    raw.pop("services")
+    raw["ingress"] = [
+        {"service": "a", "address": "127.0.0.1", "upstream": "http://127.0.0.1:1", "accept": ["x"]},
+        {
+            "service": "b",
+            "address": "unix:/run/b.sock",
+            "upstream": "http://[::1]:2",
+            "accept": ["x", "y"],
+            "max_skew_ms": 5000,
+        },
+    ]
+    cfg = parse_config(yaml.safe_dump(raw))
+    assert cfg.services == {}
+    assert [i.service for i in cfg.ingress] == ["a", "b"]
+    assert cfg.ingress[1].unix_path == "/run/b.sock"
+    assert cfg.ingress[1].upstream == "http://[::1]:2"
+    assert cfg.callers == ("x", "y")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "reason"),
+    [
+        (lambda i: i.update(upstream="https://127.0.0.1:9000"), "ingress.upstream", "http://"),
+        (lambda i: i.update(upstream="http://10.0.0.5:9000"), "ingress.upstream", "loopback"),
+        (lambda i: i.update(upstream="http://127.0.0.1"), "ingress.upstream", "port"),
+        (lambda i: i.update(upstream="http://127.0.0.1:9/x"), "ingress.upstream", "no path"),
+        (lambda i: i.update(accept=[]), "ingress.accept", "at least one caller"),
+        (lambda i: i.update(accept=["a", "a"]), "ingress.accept", "listed twice"),
+        (lambda i: i.update(accept=["ok", "no way"]), "ingress.accept[1]", "letters, digits"),
+        (lambda i: i.pop("service"), "ingress.service", "is required"),
+        (lambda i: i.update(max_skew_ms=0), "ingress.max_skew_ms", "must be between"),
+        (lambda i: i.update(max_skew_ms=600_000), "ingress.max_skew_ms", "must be between"),
+        (lambda i: i.update(nonce_capacity=0), "ingress.nonce_capacity", "must be between"),
+        (lambda i: i.update(secret="x"), "ingress.secret", "unknown field"),
+        (lambda i: i.update(address="example.org"), "ingress.address", "IP address"),
+        (lambda i: i.update(port=8080), "ingress.port", "already used by listen"),
+    ],
+)
+def test_invalid_ingress_field_is_named(
+    seed_policy_yaml: str, mutate: Any, path: str, reason: str
+) -> None:
+    raw = yaml.safe_load(BASE + INGRESS + seed_policy_yaml)
+    mutate(raw["ingress"])
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
+def test_ingress_needs_an_overlap_window(seed_policy_yaml: str) -> None:
+    raw = yaml.safe_load(BASE + INGRESS + seed_policy_yaml)
+    raw["api_key_policy"]["global_settings"]["rotation_overlap_hours"] = 0
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == "api_key_policy.global_settings.rotation_overlap_hours"
+
+
+def test_two_ingresses_for_one_service_refused(seed_policy_yaml: str) -> None:
+    raw = yaml.safe_load(BASE + INGRESS + seed_policy_yaml)
+    one = dict(raw["ingress"], port=0)
+    raw["ingress"] = [one, dict(one)]
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == "ingress[1].service"
+
+
+def test_check_config_prints_the_ingress(tmp_path: Path, seed_policy_yaml: str) -> None:
+    path = tmp_path / "ingress.yaml"
+    path.write_text(BASE + INGRESS + seed_policy_yaml)
+    out = _cli("check-config", str(path))
+    assert out.returncode == 0, out.stderr
+    (ing,) = json.loads(out.stdout)["ingress"]
+    assert ing["service"] == "risk_engine_service"
+    assert ing["upstream"] == "http://127.0.0.1:9000"
+    assert ing["accept"] == ["order_router_service", "position_service"]
+
+
+def test_ingress_tls_is_required_off_loopback_and_files_must_exist(
+    tmp_path: Path, seed_policy_yaml: str
+) -> None:
+    raw = yaml.safe_load(BASE + INGRESS + seed_policy_yaml)
+    raw["ingress"]["address"] = "0.0.0.0"
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == "ingress.tls"
+    raw["ingress"]["tls"] = {"cert_file": "cert.pem", "key_file": "key.pem"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw), source=tmp_path / "a.yaml")
+    assert info.value.path == "ingress.tls.cert_file"
+    (tmp_path / "cert.pem").write_text("not checked here")
+    (tmp_path / "key.pem").write_text("not checked here")
+    cfg = parse_config(yaml.safe_dump(raw), source=tmp_path / "a.yaml")
+    (ing,) = cfg.ingress
+    assert ing.tls_cert_file == tmp_path / "cert.pem" and ing.tls_key_file == tmp_path / "key.pem"
