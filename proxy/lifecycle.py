@@ -44,6 +44,7 @@ from keycache.store import KeyStore
 from proxy.audit import AuditLog
 from proxy.config import ApiKeyPolicy, Config, KeyTypePolicy
 from proxy.errors import ConfigError, ProxyError
+from proxy.signers.internal import activation_time
 
 __all__ = [
     "ISSUED_KEY_TYPES",
@@ -99,8 +100,11 @@ def _validity(policy: KeyTypePolicy, now: datetime) -> tuple[datetime, datetime]
     return created, created + timedelta(days=policy.validity_days)
 
 
-def new_internal_record(policy: KeyTypePolicy, now: datetime) -> dict[str, object]:
-    """A fresh key we issue ourselves: 256-bit CSPRNG secret (hex), ``hft_<32 hex>``."""
+def new_internal_record(
+    policy: KeyTypePolicy, now: datetime, activates_at: datetime | None = None
+) -> dict[str, object]:
+    """A fresh key we issue ourselves: 256-bit CSPRNG secret (hex), ``hft_<32 hex>``.
+    ``activates_at``: when it starts signing (None: at once)."""
     created, expires = _validity(policy, now)
     return make_record(
         new_key_id(),
@@ -108,6 +112,7 @@ def new_internal_record(policy: KeyTypePolicy, now: datetime) -> dict[str, objec
         created_at=created,
         expires_at=expires,
         permissions=policy.permissions,
+        activates_at=activates_at,
     )
 
 
@@ -383,7 +388,13 @@ def rotate(
                 f"{service}: key type {key_type} is issued by the venue; pass the venue's new "
                 "key record on stdin (--from-stdin)"
             )
-        record = new_internal_record(policy, ctx.clock())
+        now = ctx.clock()
+        # Verifiers (ingress) accept the new key as soon as their watcher reads it; it
+        # signs only two poll intervals later, so no call is signed with a key a verifier
+        # has not seen (docs/ingress.md). An emergency signs at once: the old key is gone.
+        vault = ctx.config.keystore.vault
+        poll = vault.poll_interval_ms if ctx.config.keystore.backend == "vault" and vault else None
+        record = new_internal_record(policy, now, None if emergency else activation_time(now, poll))
     before = ctx.store.live_versions(service)
     base = ctx.store.current_version(service) if expected is None else expected
     old_id = before[-1][1].key_id if before else None

@@ -479,6 +479,18 @@ def test_rotator_once_rotates_due_internal_keys_only(env: Env) -> None:
     results = json.loads(out.stdout)
     assert [(r["service"], r["reason"]) for r in results] == [(INTERNAL, "validity")]
     _remember_store_secrets(env, INTERNAL)
+    # The new internal key signs only once every verifier has had two polls to read it.
+    store = env.store()
+    try:
+        newest = store.read_record(INTERNAL, store.live_versions(INTERNAL)[-1][0])
+    finally:
+        store.close()
+    written = datetime.fromisoformat(str(newest["created_at"]))
+    activates = datetime.fromisoformat(str(newest["activates_at"]))
+    vault = config.keystore.vault
+    lead_ms = 2 * vault.poll_interval_ms if env.backend == "vault" and vault else 0
+    assert activates >= written + timedelta(milliseconds=lead_ms)
+    assert activates <= written + timedelta(milliseconds=lead_ms, seconds=2)
     events = [(e["event"], e["service"]) for e in env.audit_lines()]
     assert ("KEY_EXPIRY_WARNING", VENUE) in events
     assert ("KEY_ROTATION_COMPLETED", INTERNAL) in events
