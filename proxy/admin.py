@@ -81,7 +81,8 @@ class AdminApi:
         """Listen on ``address:port`` (0: any free port); return the bound address."""
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, address, port, reuse_address=True)
+        # reuse_port: a successor (proxy.handover) binds the same port while this one drains.
+        site = web.TCPSite(self.runner, address, port, reuse_address=True, reuse_port=True)
         await site.start()
         host, bound = self.runner.addresses[0][:2]
         return str(host), int(bound)

@@ -48,10 +48,28 @@ class ListenConfig:
     address: str  # an IP address, or "unix:/path"
     port: int
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_connections: int = 1024  # beyond: 503 too_many_connections (connection floods)
+    header_timeout_ms: int = 10_000  # a request head must arrive within this (slow-loris)
+    body_timeout_ms: int = 30_000  # and its body within this
+    # unix socket: peers allowed by uid or gid (SO_PEERCRED); unset: whoever can open it
+    allow_uids: tuple[int, ...] | None = None
+    allow_gids: tuple[int, ...] | None = None
+    # TCP: loopback only unless this is true (then use client tokens)
+    allow_remote: bool = False
 
     @property
     def unix_path(self) -> str | None:
         return self.address[5:] if self.address.startswith("unix:") else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """An engine that must present a token (``X-Authproxy-Token``): the token lives in a
+    file (never in the config); ``services`` limits what it may use (None: all)."""
+
+    name: str
+    token_file: Path
+    services: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,10 @@ class ServiceConfig:
     # on_limit: {wait_ms: N}: hold a request over the budget up to N ms for room before
     # refusing it (0, the default: refuse at once with 429 and Retry-After).
     on_limit_wait_ms: int = 0
+    # allow: ["METHOD /path", ...] beyond the venue's endpoints the key type permits
+    # (proxy.access); the key type's permissions, copied from the policy.
+    allow: tuple[str, ...] = ()
+    permissions: tuple[str, ...] = ()
 
     @property
     def upstream_host(self) -> str:
@@ -239,6 +261,8 @@ class Config:
     state_dir: Path | None = None
     # Ingress listeners verifying internal callers (docs/ingress.md); none by default.
     ingress: tuple[IngressConfig, ...] = ()
+    # Engines that must present a token; None: any local caller the listener admits.
+    clients: tuple[ClientConfig, ...] | None = None
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -446,6 +470,7 @@ class _Validator:
                 "api_key_policy",
                 "state_dir",
                 "ingress",
+                "clients",
             },
         )
         policy = self.req(top, "api_key_policy", "", self.policy)
@@ -483,8 +508,13 @@ class _Validator:
             api_key_policy=policy,
             state_dir=self.opt(top, "state_dir", "", self.filepath, None),
             ingress=ingress,
+            clients=self.opt(top, "clients", "", self.clients, None),
             source=source,
         )
+        for client in config.clients or ():
+            for i, name in enumerate(client.services or ()):
+                if name not in services:
+                    raise ConfigError(f"clients.{client.name}.services[{i}]", "no such service")
         _check_ports(config)
         return config
 
@@ -604,14 +634,88 @@ class _Validator:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def listen(self, value: Any, path: str) -> ListenConfig:
-        m = self.mapping(value, path, {"address", "port", "max_body_bytes"})
+        m = self.mapping(
+            value,
+            path,
+            {
+                "address",
+                "port",
+                "max_body_bytes",
+                "max_connections",
+                "header_timeout_ms",
+                "body_timeout_ms",
+                "allow_uids",
+                "allow_gids",
+                "allow_remote",
+            },
+        )
+        address = self.req(m, "address", path, lambda v, p: self.address(v, p, unix_ok=True))
+        allow_remote = self.opt(m, "allow_remote", path, self.boolean, False)
+        if (
+            not address.startswith("unix:")
+            and not allow_remote
+            and not ipaddress.ip_address(address).is_loopback
+        ):
+            raise ConfigError(
+                _join(path, "address"),
+                "the engine listener is loopback or a unix socket unless allow_remote: true",
+            )
+        uids = self.opt(m, "allow_uids", path, self.id_list, None)
+        gids = self.opt(m, "allow_gids", path, self.id_list, None)
+        if (uids is not None or gids is not None) and not address.startswith("unix:"):
+            raise ConfigError(
+                _join(path, "allow_uids" if uids is not None else "allow_gids"),
+                "peer credentials exist on a unix socket only (address: unix:/path)",
+            )
         return ListenConfig(
-            address=self.req(m, "address", path, lambda v, p: self.address(v, p, unix_ok=True)),
+            address=address,
             port=self.opt(m, "port", path, self.ranged(0, 65535), 0),
             max_body_bytes=self.opt(
                 m, "max_body_bytes", path, self.ranged(0, 1 << 30), DEFAULT_MAX_BODY_BYTES
             ),
+            max_connections=self.opt(m, "max_connections", path, self.ranged(1, 1 << 20), 1024),
+            header_timeout_ms=self.opt(
+                m, "header_timeout_ms", path, self.ranged(100, 600_000), 10_000
+            ),
+            body_timeout_ms=self.opt(m, "body_timeout_ms", path, self.ranged(100, 600_000), 30_000),
+            allow_uids=uids,
+            allow_gids=gids,
+            allow_remote=allow_remote,
         )
+
+    def id_list(self, value: Any, path: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(path, "must be a non-empty list of numeric ids")
+        return tuple(self.ranged(0, (1 << 32) - 1)(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    def clients(self, value: Any, path: str) -> tuple[ClientConfig, ...]:
+        m = self.mapping(value, path)
+        out = []
+        for name, spec in m.items():
+            where = _join(path, str(name))
+            c = self.mapping(spec, where, {"token_file", "services"})
+            services = self.opt(c, "services", where, self.string_list, None)
+            out.append(
+                ClientConfig(
+                    name=str(name),
+                    token_file=self.req(c, "token_file", where, self.existing_file),
+                    services=tuple(services) if services is not None else None,
+                )
+            )
+        if not out:
+            raise ConfigError(path, "must name at least one client")
+        return tuple(out)
+
+    def allow_list(self, value: Any, path: str) -> tuple[str, ...]:
+        from proxy.access import compile_pattern
+
+        lines = self.string_list(value, path)
+        for i, line in enumerate(lines):
+            try:
+                compile_pattern(line)
+            except ValueError as exc:
+                raise ConfigError(f"{path}[{i}]", str(exc)) from None
+        return tuple(lines)
 
     def admin(self, value: Any, path: str) -> AdminConfig:
         m = self.mapping(value, path, {"address", "port", "token_file", "metrics"})
@@ -729,6 +833,7 @@ class _Validator:
                 "clock_sync",
                 "rate_limit",
                 "on_limit",
+                "allow",
             },
         )
         venue = self.req(m, "venue", path, self.string)
@@ -778,6 +883,8 @@ class _Validator:
             rate_limit=self.opt(m, "rate_limit", path, self.rate_limits, None)
             or policy.key_types[key_type].rate_limits,
             on_limit_wait_ms=self.opt(m, "on_limit", path, self.on_limit, 0),
+            allow=self.opt(m, "allow", path, self.allow_list, ()),
+            permissions=policy.key_types[key_type].permissions,
         )
 
     def on_limit(self, value: Any, path: str) -> int:

@@ -50,8 +50,8 @@ def start_successor(
     for its JSON ready line; return the process and that line. Raises HandoverFailed
     (the successor is stopped) when it exits or is not ready in time."""
     fd = listener.fileno()
+    # NOTIFY_SOCKET stays: the successor's READY=1 carries its MAINPID (NotifyAccess=all).
     env = {**environ, LISTEN_FD_ENV: str(fd)}
-    env.pop("NOTIFY_SOCKET", None)  # systemd hears from the old process, which stays main
     proc = subprocess.Popen(  # noqa: S603 - our own command line
         list(argv), pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
     )

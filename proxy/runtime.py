@@ -13,7 +13,9 @@ import gc
 import json
 import os
 import signal
+import socket
 import ssl
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -24,16 +26,18 @@ from typing import Any
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
 from keycache.health import HealthState
-from keycache.record import compute_checksum
+from keycache.record import compute_checksum, scrub_record
 from keycache.ring import KeyRing, build_ring
 from keycache.securemem import disable_core_dumps, lock_all_memory, make_process_non_dumpable
 from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
+from proxy.access import access_for
 from proxy.admin import AdminApi
 from proxy.audit import AuditLog
 from proxy.clock import ClockSync
 from proxy.config import Config, FileStoreConfig, IngressConfig
 from proxy.errors import ConfigError, NoUsableKey, ProxyError
+from proxy.handover import HandoverFailed, inherited_listener, start_successor
 from proxy.ingress import (
     REFUSAL_CODES,
     Ingress,
@@ -46,12 +50,15 @@ from proxy.ingress import (
 from proxy.logs import EventLog
 from proxy.metrics import KeyGauge, Metrics, StoreGauge
 from proxy.sdnotify import notify
-from proxy.server import ClientConnection, Router
+from proxy.server import Client, ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
 from proxy.signers import SignerContext
 from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
 
 DRAIN_TIMEOUT_S = 5.0
+# After a handover, how long connections may stay idle before this process closes them
+# (each one that sends within it gets its answer and a Connection: close).
+HANDOVER_IDLE_GRACE_S = 2.0
 # A retired ring is wiped this long after the swap: longer than any request may take to be
 # signed (signing is synchronous; this only covers a swap racing a dispatch).
 RETIRE_GRACE_S = 1.0
@@ -110,6 +117,12 @@ def load_rings(config: Config, environ: Mapping[str, str], now: datetime) -> dic
         for ring in rings.values():
             ring.retire()
         raise
+    finally:
+        # The records' secret strings are in the locked rings now: zero the decoded copies
+        # instead of leaving them in freed memory (measured: tests/keycache copies tests).
+        for versions in stored.values():
+            for _, record in versions:
+                scrub_record(record)
     return rings
 
 
@@ -167,8 +180,35 @@ def build_services(
     for name, svc in config.services.items():
         runtime = ServiceRuntime(svc, None)
         runtime.keys = KeySet(rings[name], runtime.venue, svc, context) if name in rings else None
+        runtime.access = access_for(svc.venue, svc.permissions, svc.allow)
         services[name] = runtime
     return services
+
+
+def load_clients(config: Config) -> dict[bytes, Client] | None:
+    """The client tokens, read from their files (blocking: call in a thread). A token file
+    anyone but its owner can read is refused, like the KEK file."""
+    if config.clients is None:
+        return None
+    clients: dict[bytes, Client] = {}
+    for c in config.clients:
+        try:
+            st = c.token_file.stat()
+            token = c.token_file.read_bytes().strip()
+        except OSError as exc:
+            raise StartupError(f"clients.{c.name}.token_file: {exc.strerror}") from None
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise StartupError(
+                f"clients.{c.name}.token_file: mode {stat.S_IMODE(st.st_mode):04o}; "
+                "it must be readable by its owner only (0400 or 0600)"
+            )
+        if len(token) < 16:
+            raise StartupError(f"clients.{c.name}.token_file: a token of 16 bytes or more")
+        if token in clients:
+            raise StartupError(f"clients.{c.name}.token_file: the same token as another")
+        services = frozenset(c.services) if c.services is not None else None
+        clients[token] = Client(c.name, services)
+    return clients
 
 
 class Sidecar:
@@ -198,6 +238,10 @@ class Sidecar:
             config.services, {ing.service: REFUSAL_CODES for ing in config.ingress}
         )
         self.router: Router | None = None
+        self.pools: list[UpstreamPool] = []
+        self.syncs: dict[str, asyncio.Task[None]] = {}  # clock sync per service
+        self._reloading: asyncio.Task[None] | None = None
+        self._handing_over = False
         # ingress: one key table and listener state per protected service
         self.tables: dict[str, KeyTable] = {}
         self.ingress: dict[str, Ingress] = {}
@@ -262,6 +306,170 @@ class Sidecar:
         self._swaps.add(task)
         task.add_done_callback(self._swaps.discard)
 
+    # -- SIGUSR2: hand the listening socket to a successor and drain (proxy.handover) -----
+
+    def _on_sigusr2(self, server: asyncio.Server) -> None:
+        if self._handing_over:
+            self.log("handover_skipped", reason="a handover is already running")
+            return
+        self._handing_over = True
+        asyncio.get_running_loop().create_task(self._handover(server))
+
+    async def _handover(self, server: asyncio.Server) -> None:
+        sockets = list(server.sockets)
+        listener = socket.socket(fileno=os.dup(sockets[0].fileno()))
+        try:
+            proc, info = await asyncio.to_thread(
+                start_successor, sys.orig_argv, listener, self.environ
+            )
+        except (HandoverFailed, OSError) as exc:
+            self._handing_over = False
+            self.log("handover_failed", level="error", reason=str(exc))
+            return
+        finally:
+            listener.close()  # our duplicate; the successor holds its own
+        self.log("handover", successor_pid=proc.pid, successor=info.get("listen"))
+        notify(f"MAINPID={proc.pid}\nSTATUS=handed over to {proc.pid}", self.environ)
+        server.close()  # the successor accepts from here on (the same socket)
+        router = self.router
+        assert router is not None and self.stopping is not None
+        router.drain()  # each connection closes after its next answer
+        deadline = time.monotonic() + HANDOVER_IDLE_GRACE_S
+        while router.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        router.close_idle()  # engines that sent nothing within the grace
+        self.stopping.set()
+
+    # -- SIGHUP: reload the config file (proxy.reload decides what may change) ------------
+
+    def _on_sighup(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            self.log("config_reload_skipped", reason="a reload is already running")
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload())
+
+    def _offset_setter(self, name: str) -> Callable[[float], None]:
+        """The clock sync's result goes to the service's current runtime (a reload may
+        replace the object)."""
+
+        def apply(offset_ms: float) -> None:
+            svc = self.services.get(name)
+            if svc is not None:
+                svc.clock_offset_ms = round(offset_ms)
+
+        return apply
+
+    async def _reload(self) -> None:
+        path = self.config.source
+        if path is None or self.router is None:
+            self.log("config_reload_refused", level="error", reason="no config file to re-read")
+            return
+        notify("RELOADING=1\nSTATUS=reloading the config", self.environ)
+        try:
+            await self._apply(path)
+        finally:
+            notify("READY=1\nSTATUS=serving", self.environ)
+
+    async def _apply(self, path: Path) -> None:
+        from proxy.config import load_config
+        from proxy.reload import plan, refusal
+
+        loop = asyncio.get_running_loop()
+        try:
+            new = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            self.log("config_reload_refused", level="error", field=exc.path, reason=exc.reason)
+            return
+        reason = refusal(self.config, new)
+        if reason is not None:
+            self.log("config_reload_refused", level="error", reason=reason)
+            return
+        p = plan(self.config, new)
+        try:
+            clients = await asyncio.to_thread(load_clients, new)
+            rings = dict(self.rings)
+            missing = [n for n in p.added if n not in rings]
+            if missing:  # a service new to the file store: read the key file again
+                fresh = await asyncio.to_thread(load_rings, new, self.environ, datetime.now(UTC))
+                for name in missing:
+                    if name not in fresh:
+                        raise StartupError(f"services.{name}: no key for it in the key store")
+                    rings[name] = fresh[name]
+                for name, ring in fresh.items():
+                    if name not in missing:
+                        ring.retire()
+            built = await asyncio.to_thread(
+                build_services,
+                new,
+                {n: rings[n] for n in p.rebuilt | p.added},
+                self.context,
+            )
+        except (ProxyError, KeyCacheError) as exc:
+            self.log("config_reload_refused", level="error", reason=str(exc))
+            return
+        services: dict[str, ServiceRuntime] = {}
+        new_pools: list[UpstreamPool] = []
+        for name in new.services:
+            old = self.services.get(name)
+            if name in p.unchanged and old is not None:
+                services[name] = old
+                continue
+            svc = built[name]
+            if old is not None:
+                svc.clock_offset_ms = old.clock_offset_ms
+                svc.metrics = old.metrics
+                if (old.config.rate_limit, old.config.venue) == (
+                    svc.config.rate_limit,
+                    svc.config.venue,
+                ):
+                    svc.limiter = old.limiter  # a window the venue still counts stays counted
+            if name in p.rebuilt and old is not None:
+                svc.pool = old.pool
+            else:
+                pool = UpstreamPool(svc.config, loop, on_event=self.log)
+                svc.pool = pool
+                new_pools.append(pool)
+            services[name] = svc
+        await asyncio.gather(*(pool.start() for pool in new_pools))
+        for name in p.added:
+            rings.setdefault(name, self.rings.get(name))  # type: ignore[arg-type]
+        # The switch: one assignment each; requests already routed finish where they are.
+        old_services, self.services = self.services, services
+        self.rings = {n: r for n, r in rings.items() if r is not None and n in services}
+        router = self.router
+        assert router is not None
+        router.routes = {s.route: s for s in services.values()}
+        router.clients = clients
+        self.config = new
+        self.pools.extend(new_pools)
+        for name in p.added | p.removed:
+            task = self.syncs.pop(name, None)
+            if task is not None:
+                task.cancel()
+        for name in p.added:
+            svc = services[name]
+            if svc.config.clock_sync and svc.venue.time_endpoint is not None:
+                sync = ClockSync(name, _time_probe(svc), self._offset_setter(name), self.log)
+                self.syncs[name] = loop.create_task(sync.run())
+        retired_pools = [
+            old.pool
+            for name, old in old_services.items()
+            if isinstance(old.pool, UpstreamPool)
+            and (name in p.removed or (name in p.added and services[name].pool is not old.pool))
+        ]
+        self.log(
+            "config_reloaded",
+            unchanged=sorted(p.unchanged),
+            rebuilt=sorted(p.rebuilt),
+            added=sorted(p.added),
+            removed=sorted(p.removed),
+        )
+        if retired_pools:
+            await _wait_drained(retired_pools, DRAIN_TIMEOUT_S)
+            for pool in retired_pools:
+                self.pools.remove(pool)
+                await pool.close()
+
     def _update_tables(self, caller: str, ring: KeyRing) -> None:
         """A caller's ring changed: every ingress accepting it takes the new keys at once
         (on the loop; keys a verifier holds include a newest one not yet signing)."""
@@ -284,6 +492,7 @@ class Sidecar:
     async def _swap(
         self, runtime: ServiceRuntime, ring: KeyRing, retired: KeyRing | None, generation: int
     ) -> None:
+        runtime = self.services.get(runtime.name, runtime)  # a reload may have replaced it
         try:
             keys = await asyncio.to_thread(
                 KeySet, ring, runtime.venue, runtime.config, self.context
@@ -293,6 +502,12 @@ class Sidecar:
             return
         if self._generation.get(runtime.name) != generation:
             return  # a newer ring arrived while this one was being built
+        if self.services.get(runtime.name) is not runtime:
+            self._generation[runtime.name] = generation + 1
+            current = self.services.get(runtime.name)
+            if current is not None:  # replaced by a reload meanwhile: build for it again
+                await self._swap(current, ring, retired, generation + 1)
+            return
         runtime.keys = keys
         rotations = self.metrics.state.rotations
         rotations[runtime.name] = rotations.get(runtime.name, 0) + 1
@@ -346,7 +561,7 @@ class Sidecar:
         context = await asyncio.to_thread(signer_context, self.config)
         self.context = context
         self.services = await asyncio.to_thread(build_services, self.config, self.rings, context)
-        pools = []
+        pools = self.pools
         for svc in self.services.values():
             pool = UpstreamPool(svc.config, loop, on_event=self.log)
             svc.pool = pool
@@ -355,14 +570,16 @@ class Sidecar:
         for pool in pools:
             self.log("upstream_warm", service=pool.service.name, connections=pool.size)
         syncs = [
-            ClockSync(svc.name, _time_probe(svc), _offset_setter(svc), self.log)
+            ClockSync(svc.name, _time_probe(svc), self._offset_setter(svc.name), self.log)
             for svc in self.services.values()
             if svc.config.clock_sync and svc.venue.time_endpoint is not None
         ]
         # One probe each before accepting traffic, so the first order is already stamped
         # on the venue's clock; a venue that does not answer does not hold up start-up.
         await asyncio.gather(*(s.sync_once() for s in syncs))
-        background = [loop.create_task(s.run()) for s in syncs]
+        for sync in syncs:
+            self.syncs[sync.service] = loop.create_task(sync.run())
+        background: list[asyncio.Task[Any]] = []
         if watcher is not None:
             self.watcher = watcher
             background.append(loop.create_task(watcher.run()))
@@ -372,24 +589,47 @@ class Sidecar:
         if metrics_on:
             for svc in self.services.values():
                 svc.metrics = self.metrics.services[svc.name]
+        listen_cfg = self.config.listen
         router = Router(
             self.services,
-            max_body=self.config.listen.max_body_bytes,
+            max_body=listen_cfg.max_body_bytes,
             on_fallback=self._on_fallback,
             metrics=metrics_on,
+            max_connections=listen_cfg.max_connections,
+            header_timeout=listen_cfg.header_timeout_ms / 1000,
+            body_timeout=listen_cfg.body_timeout_ms / 1000,
+            allow_uids=frozenset(listen_cfg.allow_uids) if listen_cfg.allow_uids else None,
+            allow_gids=frozenset(listen_cfg.allow_gids) if listen_cfg.allow_gids else None,
+            clients=await asyncio.to_thread(load_clients, self.config),
         )
         self.router = router
         self._bind_state()
         background.append(loop.create_task(self._sample_loop_lag()))
         listen = self.config.listen
-        if listen.unix_path is not None:
+        inherited = inherited_listener(self.environ)
+        if inherited is not None:
+            # A predecessor handed its listening socket over (proxy.handover): accept from
+            # the very socket it did, so no queued connection is lost.
+            if inherited.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(
+                    lambda: ClientConnection(router), sock=inherited, backlog=1024
+                )
+                bound: dict[str, Any] = {"address": listen.address}
+            else:
+                server = await loop.create_server(
+                    lambda: ClientConnection(router), sock=inherited, backlog=1024
+                )
+                host, port = server.sockets[0].getsockname()[:2]
+                bound = {"address": host, "port": port}
+            self.log("listener_inherited", listen=bound)
+        elif listen.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(listen.unix_path)
             server = await loop.create_unix_server(
                 lambda: ClientConnection(router), listen.unix_path, backlog=1024
             )
             os.chmod(listen.unix_path, 0o660)
-            bound: dict[str, Any] = {"address": listen.address}
+            bound = {"address": listen.address}
         else:
             server = await loop.create_server(
                 lambda: ClientConnection(router),
@@ -412,6 +652,8 @@ class Sidecar:
             ready_info["admin"] = {"address": host, "port": port}
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: self._on_sigusr2(server))
         # Everything allocated so far lives for the whole run: move it out of the cyclic
         # collector's reach, so a collection never walks the imported modules and config
         # in the middle of a request (measured: see loadtests/hotpath.py).
@@ -429,13 +671,15 @@ class Sidecar:
             self.log("draining")
             if admin is not None:
                 await admin.close()
-            for task in background:
+            for task in [*background, *self.syncs.values()]:
                 task.cancel()
+            if self._reloading is not None:
+                self._reloading.cancel()
             server.close()
             for ingress_server in ingress_servers:
                 ingress_server.close()
             await _wait_drained(pools, DRAIN_TIMEOUT_S, [i.pool for i in self.ingress.values()])
-            for pool in pools:
+            for pool in self.pools:
                 await pool.close()
             for ing in self.ingress.values():
                 ing.pool.close()
@@ -510,7 +754,13 @@ class Sidecar:
                 entry["address"] = cfg.address
             else:
                 srv = await loop.create_server(
-                    factory, cfg.address, cfg.port, backlog=1024, reuse_address=True, ssl=tls
+                    factory,
+                    cfg.address,
+                    cfg.port,
+                    backlog=1024,
+                    reuse_address=True,
+                    reuse_port=True,  # a successor binds it too while this one drains
+                    ssl=tls,
                 )
                 host, port = srv.sockets[0].getsockname()[:2]
                 entry.update(address=host, port=port)
@@ -784,13 +1034,6 @@ def _time_probe(svc: ServiceRuntime) -> Callable[[], asyncio.Future[float]]:
         return result
 
     return probe
-
-
-def _offset_setter(svc: ServiceRuntime) -> Callable[[float], None]:
-    def apply(offset_ms: float) -> None:
-        svc.clock_offset_ms = round(offset_ms)
-
-    return apply
 
 
 async def _wait_drained(

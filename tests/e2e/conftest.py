@@ -39,6 +39,18 @@ class Venue:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
 
+    def reset_weight(self) -> None:
+        """Binance counts request weight per IP per minute and every test's traffic comes
+        from 127.0.0.1: start each sidecar on a clean count, so one test's load cannot make
+        the next one's sidecar hold back (the sidecar follows the venue's count)."""
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"https://127.0.0.1:{self.port}/__sim/binance/weight?used=0", method="POST"
+        )
+        with urllib.request.urlopen(req, context=self.ssl_context(), timeout=10) as resp:
+            assert resp.status == 200
+
 
 @dataclass
 class Sidecars:
@@ -54,6 +66,7 @@ class Sidecars:
         records: dict[str, dict[str, object] | list[dict[str, object]]] | None = None,
         memory: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        clients: dict[str, Any] | None = None,
     ) -> Proc:
         """Start a sidecar with ``services`` (default: the four Binance test services).
 
@@ -63,10 +76,15 @@ class Sidecars:
         if services is None:
             services = {
                 s: binance_service(
-                    self.venue.port, self.venue.ca_file, "/" + s.removeprefix("binance_")
+                    self.venue.port,
+                    self.venue.ca_file,
+                    "/" + s.removeprefix("binance_"),
+                    # the simulator's control endpoints (/__sim/echo, /status, ...)
+                    allow=["* /__sim/**"],
                 )
                 for s in self.venue.keys
             }
+        self.venue.reset_weight()
         run = self.run_dir / name
         run.mkdir()
         stored: dict[str, dict[str, object] | list[dict[str, object]]] = {
@@ -79,6 +97,8 @@ class Sidecars:
             cfg["listen"].update(listen)
         if memory:
             cfg["memory"] = memory
+        if clients:
+            cfg["clients"] = clients
         path = run / "authproxy.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = Proc(

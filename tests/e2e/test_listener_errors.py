@@ -143,7 +143,11 @@ def test_upstream_reset_is_502_then_serving(sidecar: Proc) -> None:
 
 def test_upstream_timeout_is_504_then_serving(sidecars: Sidecars, venue) -> None:
     proc = sidecars.start(
-        {"binance_hmac": binance_service(venue.port, venue.ca_file, "/hmac", timeout_ms=300)}
+        {
+            "binance_hmac": binance_service(
+                venue.port, venue.ca_file, "/hmac", timeout_ms=300, allow=["GET /__sim/slow"]
+            )
+        }
     )
     port = proc.ready["listen"]["port"]
     t0 = time.monotonic()

@@ -92,3 +92,64 @@ def test_the_listener_refuses_with_403_before_signing() -> None:
         assert json.loads(answers[0].partition(b"\r\n\r\n")[2])["error"]["code"] == "forbidden"
     finally:
         loop.close()
+
+
+MOVES_AND_UNLISTED = {
+    "binance": (b"POST /sapi/v1/capital/withdraw/apply", b"GET /sapi/v1/account/status"),
+    "binance_usdm": (b"POST /sapi/v1/futures/transfer", b"GET /fapi/v1/leverageBracket"),
+    "okx": (b"POST /api/v5/asset/withdrawal", b"GET /api/v5/users/subaccount/list"),
+    "bybit": (b"POST /v5/asset/withdraw/create", b"GET /v5/user/query-api"),
+    "coinbase": (b"POST /v2/accounts/a1/transactions", b"GET /api/v3/brokerage/payment_methods"),
+    "kraken": (b"POST /0/private/Withdraw", b"POST /0/private/DepositMethods"),
+    "bitmex": (b"POST /api/v1/user/requestWithdrawal", b"GET /api/v1/user/affiliateStatus"),
+    "gemini": (b"POST /v1/withdraw/btc", b"POST /v1/heartbeat"),
+    "deribit": (b"GET /api/v2/private/withdraw", b"GET /api/v2/private/get_subaccounts"),
+}
+
+
+class _NeverSubmit:
+    def submit(self, exchange: object) -> None:
+        raise AssertionError("a refused request reached the upstream pool")
+
+
+@pytest.mark.parametrize("venue", sorted(MOVES_AND_UNLISTED))
+def test_every_venue_refuses_withdrawals_and_unlisted_endpoints_before_signing(
+    venue: str,
+) -> None:
+    import asyncio
+
+    from proxy.config import ServiceConfig
+    from proxy.server import ClientConnection, Router
+    from proxy.service import ServiceRuntime
+    from tests.proxy.listener_harness import FakeTransport
+
+    cfg = ServiceConfig(
+        name=venue,
+        venue=venue,
+        key_type="exchange_api",
+        upstream="https://127.0.0.1:9443",
+        route="/v",
+        ca_file=None,
+        timeout_ms=2000,
+        recv_window_ms=5000,
+        pool_size=1,
+    )
+    service = ServiceRuntime(cfg, None)  # no key at all: a refusal never gets that far
+    service.access = access_for(venue, EXCHANGE)
+    service.pool = _NeverSubmit()
+    loop = asyncio.new_event_loop()
+    try:
+        conn = ClientConnection(Router({venue: service}, max_body=4096))
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        for line in MOVES_AND_UNLISTED[venue]:
+            method, _, path = line.partition(b" ")
+            transport.written.clear()
+            conn.data_received(
+                method + b" /v" + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            )
+            out = b"".join(transport.written)
+            assert out.startswith(b"HTTP/1.1 403 "), (line, out[:120])
+            assert b'"code":"forbidden"' in out.replace(b" ", b"")
+    finally:
+        loop.close()

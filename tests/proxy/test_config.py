@@ -116,6 +116,29 @@ def test_fixture_is_the_seed_block_verbatim(seed_policy_yaml: str) -> None:
             "is required",
         ),
         (lambda c: c.pop("services"), "services", "is required"),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(on_limit={"wait_ms": 70_000}),
+            "services.binance_spot_trading.on_limit.wait_ms",
+            "must be between",
+        ),
+        (
+            lambda c: c["services"]["binance_spot_trading"].update(allow=["/api/v3/klines"]),
+            "services.binance_spot_trading.allow[0]",
+            "METHOD /path",
+        ),
+        (lambda c: c["listen"].update(address="0.0.0.0"), "listen.address", "allow_remote"),
+        (lambda c: c["listen"].update(allow_uids=[1000]), "listen.allow_uids", "unix socket"),
+        (
+            lambda c: c["listen"].update(address="unix:/run/a.sock", allow_gids=[]),
+            "listen.allow_gids",
+            "non-empty list",
+        ),
+        (lambda c: c["listen"].update(max_connections=0), "listen.max_connections", "between"),
+        (
+            lambda c: c.update(clients={"risk": {"token_file": "/nonexistent/token"}}),
+            "clients.risk.token_file",
+            "",
+        ),
     ],
 )
 def test_invalid_field_is_named(seed_policy_yaml: str, mutate, path: str, reason: str) -> None:
@@ -294,3 +317,34 @@ def test_ingress_tls_is_required_off_loopback_and_files_must_exist(
     cfg = parse_config(yaml.safe_dump(raw), source=tmp_path / "a.yaml")
     (ing,) = cfg.ingress
     assert ing.tls_cert_file == tmp_path / "cert.pem" and ing.tls_key_file == tmp_path / "key.pem"
+
+
+def test_listener_limits_callers_and_allow_lists(seed_policy_yaml: str, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    raw = yaml.safe_load(BASE + seed_policy_yaml)
+    raw["listen"] = {
+        "address": "unix:/run/authproxy/engine.sock",
+        "allow_uids": [1000],
+        "allow_gids": [2000],
+        "max_connections": 64,
+        "header_timeout_ms": 2000,
+    }
+    raw["services"]["binance_spot_trading"]["allow"] = ["GET /api/v3/klines"]
+    raw["services"]["binance_spot_trading"]["on_limit"] = {"wait_ms": 50}
+    raw["clients"] = {"risk": {"token_file": str(token), "services": ["binance_spot_trading"]}}
+    cfg = parse_config(yaml.safe_dump(raw))
+    assert (cfg.listen.allow_uids, cfg.listen.allow_gids) == ((1000,), (2000,))
+    assert (cfg.listen.max_connections, cfg.listen.header_timeout_ms) == (64, 2000)
+    assert cfg.listen.body_timeout_ms == 30_000 and not cfg.listen.allow_remote
+    svc = cfg.services["binance_spot_trading"]
+    assert svc.allow == ("GET /api/v3/klines",) and svc.on_limit_wait_ms == 50
+    assert "place_orders" in svc.permissions  # the key type's, from the policy
+    assert cfg.clients is not None and cfg.clients[0].services == ("binance_spot_trading",)
+    raw["clients"]["risk"]["services"] = ["nope"]
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml.safe_dump(raw))
+    assert info.value.path == "clients.risk.services[0]"
+    raw.pop("clients")
+    raw["listen"] = {"address": "0.0.0.0", "allow_remote": True}
+    assert parse_config(yaml.safe_dump(raw)).listen.allow_remote
