@@ -125,7 +125,6 @@ def test_secrets_loaded_from_the_key_file_leave_no_copy(tmp_path: Path) -> None:
     # parsed from a bytes copy): [0, 1, 1] scrubbed, [1, 2, 1] not.
     assert scrubbed == [0, 0, 0]
     # Without scrubbing, the records' own strings stay in freed memory until it is reused
-    # (measured [1, 1, 0]): what the sidecar's file-backend start-up leaves today, since
-    # proxy.runtime.load_rings does not scrub the records it built its rings from.
+    # (measured [1, 1, 0]); proxy.runtime.load_rings scrubs them once its rings are built.
     kept = _load_in_child(keys, kek, "keep", needles)
     assert kept[0] <= 1 and kept[1] <= 1 and kept[2] == 0, kept

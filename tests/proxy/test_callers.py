@@ -94,3 +94,24 @@ def test_client_tokens_and_the_services_each_may_use(loop: asyncio.AbstractEvent
         for a in answers
     ]
     assert codes == [(401, "unauthorized"), (401, "unauthorized"), (403, "forbidden"), (200, None)]
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Any) -> None:
+    from proxy.config import ClientConfig
+    from proxy.runtime import StartupError, load_clients
+
+    token = tmp_path / "t"
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+
+    class Cfg:
+        clients = (ClientConfig("risk", token, ("svc",)),)
+
+    with pytest.raises(StartupError, match="owner only"):
+        load_clients(Cfg())  # type: ignore[arg-type]
+    token.chmod(0o600)
+    clients = load_clients(Cfg())  # type: ignore[arg-type]
+    assert clients == {b"x" * 32: Client("risk", frozenset({"svc"}))}
+    token.write_text("short")
+    with pytest.raises(StartupError, match="16 bytes"):
+        load_clients(Cfg())  # type: ignore[arg-type]
