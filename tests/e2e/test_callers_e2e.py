@@ -148,3 +148,61 @@ def test_client_tokens(sidecars: Sidecars, venue: Venue, tmp_path: Path) -> None
         )
     )
     assert [a[0] for a in answers] == [401, 200, 403]
+
+
+def test_every_venue_refuses_withdrawals_and_unlisted_endpoints_at_the_sidecar(
+    sidecars: Sidecars, venue: Venue
+) -> None:
+    """One service per venue, all aimed at the simulator: for each, a withdrawal and an
+    endpoint outside its map are 403 and neither reaches the simulator."""
+    import base64
+    import secrets
+    from datetime import UTC, datetime, timedelta
+
+    from keycache.record import make_record
+    from proxy.demo import PERMISSIONS
+    from tests.proxy.test_access import MOVES_AND_UNLISTED
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    times = {"created_at": now - timedelta(days=1), "expires_at": now + timedelta(days=30)}
+    algorithms = {"kraken": "hmac-sha512", "gemini": "hmac-sha384"}
+    services, records = {}, {}
+    for i, name in enumerate(sorted(MOVES_AND_UNLISTED)):
+        secret = (
+            base64.b64encode(secrets.token_bytes(64)).decode()
+            if name == "kraken"
+            else secrets.token_hex(32)
+        )
+        extra = {"passphrase": "Sim-" + secrets.token_hex(4)} if name == "okx" else {}
+        records[f"{name}_svc"] = make_record(
+            f"k{i}-" + secrets.token_hex(8),
+            secret,
+            algorithm=algorithms.get(name, "hmac-sha256"),
+            permissions=PERMISSIONS,
+            **times,  # type: ignore[arg-type]
+            **extra,  # type: ignore[arg-type]
+        )
+        services[f"{name}_svc"] = {
+            "venue": name,
+            "key_type": "exchange_api",
+            "upstream": f"https://127.0.0.1:{venue.port}",
+            "route": f"/{name}",
+            "ca_file": venue.ca_file,
+            "clock_sync": False,
+        }
+    proc = sidecars.start(services, records=records)
+    port = proc.ready["listen"]["port"]
+    tag = "forbid-" + os.urandom(6).hex()
+    for name, lines in MOVES_AND_UNLISTED.items():
+        for line in lines:
+            method, _, path = line.partition(b" ")
+            request = b"%s /%s%s?t=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % (
+                method,
+                name.encode(),
+                path,
+                tag.encode(),
+            )
+            ((status, headers, body),) = parse_responses(raw_exchange(port, request))
+            assert status == 403, (name, line, body)
+            assert headers[b"x-authproxy-error"] == b"forbidden"
+    assert not any(tag in q for q in _log_queries(venue))
