@@ -123,6 +123,13 @@ def venue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venue]:
         assert proc.stop() == 0, proc.stderr_tail()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_binance_weight(venue: Venue) -> None:
+    """Every test starts on a clean Binance weight count (see ``Venue.reset_weight``),
+    whatever way it starts its sidecars."""
+    venue.reset_weight()
+
+
 @pytest.fixture
 def sidecars(venue: Venue, tmp_path: Path) -> Iterator[Sidecars]:
     sc = Sidecars(venue, tmp_path)
