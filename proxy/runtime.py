@@ -431,11 +431,15 @@ class Sidecar:
                 new_pools.append(pool)
             services[name] = svc
         await asyncio.gather(*(pool.start() for pool in new_pools))
-        for name in p.added:
-            rings.setdefault(name, self.rings.get(name))  # type: ignore[arg-type]
         # The switch: one assignment each; requests already routed finish where they are.
         old_services, self.services = self.services, services
-        self.rings = {n: r for n, r in rings.items() if r is not None and n in services}
+        # Rings stay for the services and the ingress callers (a caller's keys are not a
+        # service's); a removed service's ring is wiped once nothing can sign with it.
+        keep = set(services) | set(new.callers)
+        dropped = [r for n, r in rings.items() if n not in keep]
+        self.rings = {n: r for n, r in rings.items() if n in keep}
+        for ring in dropped:
+            loop.call_later(RETIRE_GRACE_S, ring.retire)
         router = self.router
         assert router is not None
         router.routes = {s.route: s for s in services.values()}
@@ -451,11 +455,11 @@ class Sidecar:
             if svc.config.clock_sync and svc.venue.time_endpoint is not None:
                 sync = ClockSync(name, _time_probe(svc), self._offset_setter(name), self.log)
                 self.syncs[name] = loop.create_task(sync.run())
+        kept_pools = p.unchanged | p.rebuilt
         retired_pools = [
             old.pool
             for name, old in old_services.items()
-            if isinstance(old.pool, UpstreamPool)
-            and (name in p.removed or (name in p.added and services[name].pool is not old.pool))
+            if isinstance(old.pool, UpstreamPool) and name not in kept_pools
         ]
         self.log(
             "config_reloaded",
