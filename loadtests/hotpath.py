@@ -50,10 +50,13 @@ RESPONSE = (
 
 
 class FakeTransport:
-    """Collects writes; stands in for the uvloop transports."""
+    """Collects writes and records close and pause; stands in for the uvloop transports
+    (here and in the listener tests, ``tests/proxy/listener_harness.py``)."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.closed = False
+        self.paused = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -62,19 +65,19 @@ class FakeTransport:
         return default
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def abort(self) -> None:
-        pass
+        self.closed = True
 
     def pause_reading(self) -> None:
-        pass
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
 
 
 def build(

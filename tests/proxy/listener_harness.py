@@ -12,6 +12,7 @@ import httptools
 
 from keycache.record import make_record
 from keycache.ring import build_ring
+from loadtests.hotpath import FakeTransport
 from proxy.config import ServiceConfig
 from proxy.ratelimit import limiter_for
 from proxy.server import ClientConnection, Router
@@ -28,35 +29,6 @@ VENUE_OK_HEAD = (
     b"Connection: keep-alive\r\n\r\n"
 )
 API_KEY = "k" * 64
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closed, "write after close"
-        self.written.append(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
 
 
 class Listener:

@@ -118,10 +118,10 @@ def test_every_venue_refuses_withdrawals_and_unlisted_endpoints_before_signing(
 ) -> None:
     import asyncio
 
+    from loadtests.hotpath import FakeTransport
     from proxy.config import ServiceConfig
     from proxy.server import ClientConnection, Router
     from proxy.service import ServiceRuntime
-    from tests.proxy.listener_harness import FakeTransport
 
     cfg = ServiceConfig(
         name=venue,

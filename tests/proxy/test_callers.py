@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from loadtests.hotpath import FakeTransport
 from proxy.server import Client, peer_allowed
-from tests.proxy.listener_harness import FakeTransport, Listener
+from tests.proxy.listener_harness import Listener
 
 ORDER = b"POST /binance/api/v3/order?symbol=BTCUSDT HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
 

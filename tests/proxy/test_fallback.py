@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from keycache.record import make_record
+from loadtests.hotpath import FakeTransport
 from proxy.config import ServiceConfig
 from proxy.server import ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
@@ -30,24 +31,6 @@ SERVICE = ServiceConfig(
 REQUEST = (
     b"POST /b/api/v3/order?symbol=BTCUSDT&side=BUY HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 )
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
 
 
 def venue_answer(status: int, body: dict[str, Any]) -> bytes:
