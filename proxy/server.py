@@ -162,9 +162,12 @@ def _release_parked(service: ServiceRuntime, clock: Callable[[], float]) -> None
     service.park_timer = None
     now = clock()
     now_us = _limiter_now(service, now)
+    # Taken out before anything runs: answering one request can start its connection's
+    # next pipelined one, which parks (in a fresh queue) behind those still waiting.
+    waiting, service.parked = service.parked, deque()
     keep: deque[tuple[ClientConnection, _Request]] = deque()
     soonest = 0
-    for conn, req in service.parked:
+    for conn, req in waiting:
         if conn.current is not req or conn.transport is None:
             continue  # the engine went away
         wait = service.limiter.admit(now_us, req.weight, req.orders, conn.share(service))
@@ -176,8 +179,9 @@ def _release_parked(service: ServiceRuntime, clock: Callable[[], float]) -> None
         else:
             keep.append((conn, req))
             soonest = wait if not soonest or wait < soonest else soonest
+    keep.extend(service.parked)
     service.parked = keep
-    if keep:
+    if keep and service.park_timer is None:
         service.park_timer = asyncio.get_running_loop().call_later(
             soonest / 1e6, _release_parked, service, clock
         )
@@ -568,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         cost = service.costs.cost(req.method, path)
         req.weight = weight = cost.weight if cost.by_query is None else cost.by_query(query)
         req.orders = cost.orders
-        now_us = int(now * 1_000_000) + service.clock_offset_ms * 1000
+        now_us = int(now * 1_000_000) + service.clock_offset_ms * 1000  # _limiter_now, inlined
         share = self.shares.get(service) or self.share(service)
         wait = (
             service.limiter.admit(now_us, weight, cost.orders, share) if not service.parked else 1
