@@ -1,6 +1,4 @@
-"""Warm keep-alive TLS connections to one venue: asyncio Protocols on the sidecar's own
-TLS transport (``proxy.tls``: an ``ssl.SSLSocket`` driven by the loop's readiness
-callbacks, cheaper than uvloop's TLS).
+"""Warm keep-alive TLS connections to one venue, on asyncio Protocols (uvloop).
 
 Hot path: ``UpstreamPool.submit`` hands an ``Exchange`` (the serialized, signed request
 and where its answer goes) to an idle connection, or queues it until one is free. The
@@ -24,7 +22,6 @@ import httptools
 
 from proxy.config import ServiceConfig
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from proxy.tls import TLSTransport, open_tls
 
 RECONNECT_BASE_S = 0.05  # first retry soon: a venue closing one idle connection is routine
 RECONNECT_MAX_S = 1.0  # cap: a venue back up is in use again within a second, yet never hammered
@@ -297,7 +294,6 @@ def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=ca_file)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_NO_RENEGOTIATION  # TLS 1.2: no renegotiation mid-connection
     return ctx
 
 
@@ -428,8 +424,15 @@ class UpstreamPool:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
             host, port = self.service.upstream_host, self.service.upstream_port
             try:
-                sock = await asyncio.wait_for(
-                    open_tls(self.loop, host, port, self.ssl), self.timeout_s
+                _, proto = await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        host,
+                        port,
+                        ssl=self.ssl,
+                        server_hostname=host,
+                    ),
+                    self.timeout_s,
                 )
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 self.failures += 1
@@ -447,12 +450,11 @@ class UpstreamPool:
                 return
         finally:
             self.connecting -= 1
+        assert isinstance(proto, UpstreamConnection)
         self.failures = 0
         if self.closing:
-            sock.close()
+            proto.close()
             return
-        proto = UpstreamConnection(self)
-        TLSTransport(self.loop, sock, proto)
         self.busy.add(proto)
         self.release(proto)
 
