@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from time import perf_counter_ns
-from typing import Final, cast
+from typing import Final, NamedTuple, cast
 
 import httptools
 
@@ -105,14 +105,76 @@ AUDIT_FLUSH_S: Final = 0.25
 #: without unbounded memory or one write per junk request.
 AUDIT_MAX_PENDING: Final = 10_000
 SWEEP_INTERVAL_S: Final = 0.01  # timeout resolution for calls to the protected service
-_AUTH_SLOT: Final = AUTH_INDEX.get  # lowercase header name -> slot of a credential, or None
-# The same for the spelling our signer sends, tried first: no lower() for five headers.
-_AUTH_EXACT: Final = {
-    h.encode("ascii"): i
-    for i, h in enumerate(
-        (HEADER_KEY_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_CONTENT_SHA256, HEADER_SIGNATURE)
-    )
-}.get
+
+# What on_header does with a header, by name: a credential's slot in ``_Request.auth``
+# (0-4, ``AUTH_INDEX``) or one of these.
+_N_AUTH: Final = len(AUTH_INDEX)
+_FORWARD: Final = _N_AUTH  # an end-to-end header: forwarded as received
+_LENGTH: Final = _N_AUTH + 1  # Content-Length: checked against max_body_bytes, not forwarded
+_CONNECTION: Final = _N_AUTH + 2  # Connection: its tokens name more headers to drop
+_DROPPED: Final = _N_AUTH + 3  # hop-by-hop, the sidecar's own or X-Authproxy-*: dropped
+
+
+def _kind(name: bytes) -> int:
+    """What on_header does with a header called ``name`` (any case). Pure."""
+    lname = name.lower()
+    slot = AUTH_INDEX.get(lname)
+    if slot is not None:
+        return slot
+    if lname == b"content-length":
+        return _LENGTH
+    if lname == b"connection":
+        return _CONNECTION
+    if lname in _DROP or lname.startswith(_OWN_PREFIX):
+        return _DROPPED
+    return _FORWARD
+
+
+#: Names on_header has classified, as spelled on the wire: one dict lookup per header
+#: instead of a lower() and two or three lookups (the header names a caller sends repeat
+#: on every request). Seeded with the spellings our signer and common clients use; a new
+#: spelling is added when first seen, up to a bound (a caller cannot grow it, and a long
+#: name is never kept), after which it is classified each time. Only ever holds
+#: ``_kind(name)``: a pure function of the name, so any entry is as good as recomputing.
+_KINDS: Final[dict[bytes, int]] = {}
+MAX_KNOWN_NAMES: Final = 1024
+MAX_KNOWN_NAME_LEN: Final = 64
+for _name in (
+    *(
+        h.encode("ascii")
+        for h in (
+            HEADER_KEY_ID,
+            HEADER_TIMESTAMP,
+            HEADER_NONCE,
+            HEADER_CONTENT_SHA256,
+            HEADER_SIGNATURE,
+        )
+    ),
+    *AUTH_INDEX,
+    *_DROP,
+    b"Host",
+    b"Content-Length",
+    b"Connection",
+    b"Content-Type",
+    b"Accept",
+    b"Accept-Encoding",
+    b"User-Agent",
+    b"content-type",
+    b"accept",
+    b"accept-encoding",
+    b"user-agent",
+):
+    _KINDS[_name] = _kind(_name)
+del _name
+_KNOWN_KIND: Final = _KINDS.get
+
+
+def _learn_kind(name: bytes) -> int:
+    """``_kind(name)``, remembered in ``_KINDS`` within its bounds. On the loop."""
+    kind = _kind(name)
+    if len(_KINDS) < MAX_KNOWN_NAMES and len(name) <= MAX_KNOWN_NAME_LEN:
+        _KINDS[name] = kind
+    return kind
 
 
 # -- the key table: which keys verify, swapped whole on a rotation ------------------------
@@ -640,7 +702,7 @@ class Ingress:
                 self.on_unknown_key()
 
     def identity(self, key: VerifyKey) -> bytes:
-        kid = key.key_id.encode("ascii")
+        kid = key.key_id_bytes
         lines = self.caller_lines.get(kid)
         if lines is None:
             if len(self.caller_lines) > MAX_REVOKED_REMEMBERED:
@@ -657,24 +719,20 @@ class Ingress:
         return lines
 
 
-class _Request:
-    __slots__ = ("auth", "body", "headers", "keep_alive", "method", "target")
+class _Request(NamedTuple):
+    """One parsed request. Immutable; built with ``_new_request(_Request, (...))``: a
+    class with an ``__init__`` (or a named tuple's own ``__new__``) costs a Python frame
+    entered from C per request (measured, ``loadtests/verify.py``)."""
 
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: bytes,
-        auth: list[bytes | None],
-        body: bytes,
-        keep_alive: bool,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.auth = auth
-        self.body = body
-        self.keep_alive = keep_alive
+    method: bytes
+    target: bytes
+    headers: bytes  # the forwarded lines, b"Name: value\r\n" each
+    auth: list[bytes | None]  # the five credentials in AUTH_INDEX order
+    body: bytes
+    keep_alive: bool
+
+
+_new_request = tuple.__new__
 
 
 class IngressConnection(asyncio.Protocol):
@@ -693,7 +751,7 @@ class IngressConnection(asyncio.Protocol):
         self.eof = False
         self._url = b""
         self._headers: list[bytes] = []
-        self._auth: list[bytes | None] = [None] * len(AUTH_INDEX)
+        self._auth: list[bytes | None] = [None] * _N_AUTH
         self._named: set[bytes] | None = None
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -749,31 +807,29 @@ class IngressConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > MAX_HEADER_BYTES:
             raise HeadersTooLarge("request line and headers are too large")
-        i = _AUTH_EXACT(name)
-        if i is None:
-            lname = name.lower()
-            i = _AUTH_SLOT(lname)
-        if i is not None:
+        kind = _KNOWN_KIND(name)
+        if kind is None:
+            kind = _learn_kind(name)
+        if kind < _FORWARD:
             # The credentials are checked here and never forwarded.
             auth = self._auth
-            auth[i] = value if auth[i] is None else REPEATED
-        elif lname in _DROP:
-            if lname == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    raise BadRequest("invalid Content-Length") from None
-                if declared > self.max_body:
-                    raise BodyTooLarge(f"body larger than {self.max_body} bytes")
-            elif lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")} - PLAIN_CONNECTION
-                if tokens:
-                    self._named = (self._named or set()) | tokens
-        elif not lname.startswith(_OWN_PREFIX):
+            auth[kind] = value if auth[kind] is None else REPEATED
+        elif kind == _FORWARD:
             headers = self._headers
             if len(headers) >= MAX_HEADERS:
                 raise HeadersTooLarge("too many headers")
             headers.append(b"%s: %s\r\n" % (name, value))
+        elif kind == _LENGTH:
+            try:
+                declared = int(value)
+            except ValueError:
+                raise BadRequest("invalid Content-Length") from None
+            if declared > self.max_body:
+                raise BodyTooLarge(f"body larger than {self.max_body} bytes")
+        elif kind == _CONNECTION:
+            tokens = {t.strip().lower() for t in value.split(b",")} - PLAIN_CONNECTION
+            if tokens:
+                self._named = (self._named or set()) | tokens
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -787,17 +843,21 @@ class IngressConnection(asyncio.Protocol):
         if self._named:
             named = self._named
             lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in named]
-        req = _Request(
-            self.parser.get_method(),
-            self._url,
-            b"".join(lines),
-            self._auth,
-            body,
-            self.parser.should_keep_alive(),
+        parser = self.parser
+        req = _new_request(
+            _Request,
+            (
+                parser.get_method(),
+                self._url,
+                b"".join(lines),
+                self._auth,
+                body,
+                parser.should_keep_alive(),
+            ),
         )
         self._url = b""
         self._headers = []
-        self._auth = [None] * len(AUTH_INDEX)
+        self._auth = [None] * _N_AUTH
         self._named = None
         self._header_bytes = 0
         self._body = []

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from keycache.record import make_record
 from keycache.ring import KeyRing, build_ring
+from proxy import ingress
 from proxy.config import ServiceConfig
 from proxy.ingress import KeyTable
 from proxy.signers.base import SignerContext
@@ -464,3 +465,97 @@ def test_activation_is_two_polls_ahead_rounded_up_to_the_second() -> None:
         microsecond=0
     ) + timedelta(seconds=1)
     assert activation_time(written, None) == datetime(2026, 11, 28, 12, 0, 1, tzinfo=UTC)
+
+
+# -- the listener's header classification (proxy.ingress._kind and its spelling table) -----
+
+_KNOWN_NAMES = [
+    b"X-Auth-Key-Id",
+    b"X-Auth-Signature",
+    b"Host",
+    b"Content-Length",
+    b"Connection",
+    b"Transfer-Encoding",
+    b"Content-Type",
+    b"X-Authproxy-Caller",
+    b"X-Authproxy-Token",
+    b"X-Request-Id",
+]
+
+
+def _expected_kind(name: bytes) -> str:
+    """Independent oracle: docs/ingress.md's rules, written out by hand."""
+    lname = name.lower()
+    if lname in {
+        b"x-auth-key-id",
+        b"x-auth-timestamp",
+        b"x-auth-nonce",
+        b"x-auth-content-sha256",
+        b"x-auth-signature",
+    }:
+        return "credential"
+    if lname == b"content-length":
+        return "length"
+    if lname == b"connection":
+        return "connection"
+    if lname.startswith(b"x-authproxy-") or lname in {
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"expect",
+    }:
+        return "dropped"
+    return "forward"
+
+
+def _kind_name(kind: int) -> str:
+    if kind < ingress._FORWARD:
+        return "credential"
+    return {
+        ingress._FORWARD: "forward",
+        ingress._LENGTH: "length",
+        ingress._CONNECTION: "connection",
+        ingress._DROPPED: "dropped",
+    }[kind]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.sampled_from(_KNOWN_NAMES).flatmap(
+            lambda n: st.lists(st.booleans(), min_size=len(n), max_size=len(n)).map(
+                lambda up: bytes(
+                    c ^ 0x20 if u and chr(c).isalpha() else c for c, u in zip(n, up, strict=True)
+                )
+            )
+        ),
+        st.binary(min_size=1, max_size=80),
+    )
+)
+def test_header_kinds_match_the_rules_in_any_spelling(name: bytes) -> None:
+    # Classified fresh, through the remembered table (seeded or learned), and again.
+    assert _kind_name(ingress._kind(name)) == _expected_kind(name)
+    assert _kind_name(ingress._learn_kind(name)) == _expected_kind(name)
+    remembered = ingress._KINDS.get(name)
+    assert remembered is None or _kind_name(remembered) == _expected_kind(name)
+
+
+def test_remembered_header_names_are_bounded() -> None:
+    saved = dict(ingress._KINDS)
+    try:
+        for i in range(ingress.MAX_KNOWN_NAMES + 50):
+            ingress._learn_kind(b"X-Junk-%d" % i)
+        assert len(ingress._KINDS) == ingress.MAX_KNOWN_NAMES
+        long_name = b"X-" + b"a" * ingress.MAX_KNOWN_NAME_LEN
+        ingress._KINDS.clear()
+        assert ingress._learn_kind(long_name) == ingress._FORWARD
+        assert long_name not in ingress._KINDS
+    finally:
+        ingress._KINDS.clear()
+        ingress._KINDS.update(saved)
