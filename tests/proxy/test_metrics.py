@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from bisect import bisect_left
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.metrics import BUCKETS_NS, OK, OUTCOMES, Histogram, KeyGauge, Metrics, StoreGauge
+from proxy.metrics import (
+    BUCKETS_NS,
+    MAX_NS_BITS,
+    OK,
+    OUTCOMES,
+    Histogram,
+    KeyGauge,
+    Metrics,
+    StoreGauge,
+    _bucket_tables,
+    bucket_index,
+)
 from tests.prometheus_tools import ensure_prometheus
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
@@ -29,6 +44,57 @@ def test_histogram_counts_each_value_in_its_bucket_cumulatively() -> None:
     assert buckets["1.0"] == 3
     assert buckets["+Inf"] == 4
     assert h.total == 5_000 + 10_000 + 10_001 + 2_000_000_000
+
+
+#: Durations where a bucket index could go wrong: around each bound and each power of two.
+_EDGES = sorted(
+    {
+        v
+        for c in (*BUCKETS_NS, *(1 << k for k in range(MAX_NS_BITS + 1)))
+        for v in range(c - 3, c + 4)
+        if 0 <= v < 2**MAX_NS_BITS
+    }
+)
+
+
+@given(st.integers(0, 2**MAX_NS_BITS - 1) | st.integers(0, 2 * 10**9) | st.sampled_from(_EDGES))
+def test_bucket_index_is_bisect_left_for_every_duration(ns: int) -> None:
+    assert bucket_index(ns) == bisect_left(BUCKETS_NS, ns)
+
+
+def test_bucket_index_is_bisect_left_at_every_edge() -> None:
+    assert [bucket_index(ns) for ns in _EDGES] == [bisect_left(BUCKETS_NS, ns) for ns in _EDGES]
+
+
+def test_bucket_tables_refuse_bounds_closer_than_double() -> None:
+    # Two bounds with one bit length would need two comparisons: refused, not mis-bucketed.
+    with pytest.raises(ValueError):
+        _bucket_tables((10, 15))
+
+
+def test_served_requests_land_in_every_histogram_once() -> None:
+    from loadtests.hotpath import REQUEST, RESPONSE, build
+    from proxy.runtime import new_event_loop
+
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        client, upstream, _ct, _ut = build(loop, metrics=True)
+        for _ in range(25):
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+        service = client.router.routes[b"/binance"]
+        sm = service.metrics
+        assert sm is not None
+        for h in (sm.duration, sm.overhead, sm.signing, sm.upstream):
+            assert sum(h.counts) == 25
+            assert h.total > 0
+        # overhead is duration minus upstream, request by request
+        assert sm.overhead.total == sm.duration.total - sm.upstream.total
+        assert sm.outcomes[OK] == 25
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def _metrics() -> Metrics:
