@@ -20,12 +20,14 @@ import fcntl
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from keycache.errors import KeyRecordError, KeyStoreConflict, KeyStoreNotFound
 from keycache.filestore import KeyFile
-from keycache.record import KeyMeta, parse_record
-from keycache.vault import VaultSource, scrub_record
+from keycache.record import KeyMeta, parse_record, scrub_record
+
+if TYPE_CHECKING:  # hvac and requests load only where Vault is used (resident memory)
+    from keycache.vault import VaultSource
 
 __all__ = ["FileStore", "KeyStore", "StoredVersion", "VaultStore"]
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keycache.errors import KeyCacheError
 from keycache.filestore import KeyFile, load_kek_file
@@ -29,7 +29,6 @@ from keycache.health import HealthState
 from keycache.record import compute_checksum, scrub_record
 from keycache.ring import KeyRing, build_ring
 from keycache.securemem import disable_core_dumps, lock_all_memory, make_process_non_dumpable
-from keycache.vault import VaultSource
 from keycache.watcher import KeyWatcher
 from proxy.access import access_for
 from proxy.admin import AdminApi
@@ -53,7 +52,10 @@ from proxy.sdnotify import notify
 from proxy.server import Client, ClientConnection, Router
 from proxy.service import KeySet, ServiceRuntime
 from proxy.signers import SignerContext
-from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
+from proxy.upstream import Exchange, ParsedResponse, SSLContexts, UpstreamPool
+
+if TYPE_CHECKING:  # hvac and requests load only with a Vault key store (resident memory)
+    from keycache.vault import VaultSource
 
 DRAIN_TIMEOUT_S = 5.0
 # After a handover, how long connections may stay idle before this process closes them
@@ -257,6 +259,8 @@ class Sidecar:
         """Build the Vault source and watcher; load every service (raises KeyCacheError)."""
         vault = self.config.keystore.vault
         assert vault is not None
+        from keycache.vault import VaultSource  # here: see the TYPE_CHECKING import
+
         source = await asyncio.to_thread(VaultSource.from_config, vault)
         self.source = source
         overlap = timedelta(hours=self.config.api_key_policy.global_settings.rotation_overlap_hours)
@@ -409,6 +413,7 @@ class Sidecar:
             return
         services: dict[str, ServiceRuntime] = {}
         new_pools: list[UpstreamPool] = []
+        contexts = SSLContexts()  # CA files read afresh for the pools this reload opens
         for name in new.services:
             old = self.services.get(name)
             if name in p.unchanged and old is not None:
@@ -426,7 +431,8 @@ class Sidecar:
             if name in p.rebuilt and old is not None:
                 svc.pool = old.pool
             else:
-                pool = UpstreamPool(svc.config, loop, on_event=self.log)
+                ctx = contexts.for_service(svc.config)
+                pool = UpstreamPool(svc.config, loop, ssl_context=ctx, on_event=self.log)
                 svc.pool = pool
                 new_pools.append(pool)
             services[name] = svc
@@ -566,8 +572,11 @@ class Sidecar:
         self.context = context
         self.services = await asyncio.to_thread(build_services, self.config, self.rings, context)
         pools = self.pools
+        contexts = SSLContexts()
         for svc in self.services.values():
-            pool = UpstreamPool(svc.config, loop, on_event=self.log)
+            pool = UpstreamPool(
+                svc.config, loop, ssl_context=contexts.for_service(svc.config), on_event=self.log
+            )
             svc.pool = pool
             pools.append(pool)
         await asyncio.gather(*(p.start() for p in pools))
