@@ -64,6 +64,18 @@ def pin_preexec(cpu: int | None) -> Callable[[], None] | None:
     return pin
 
 
+def make_idle(pid: int) -> int:
+    """Put every thread of `pid` under SCHED_IDLE (threads it creates later inherit it);
+    returns how many threads were changed. A SCHED_IDLE thread runs only when the CPU has
+    nothing else to do, so it never preempts the process being measured."""
+    changed = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+            changed += 1
+    return changed
+
+
 def child_pids(pid: int) -> list[int]:
     """PIDs whose parent is `pid` (e.g. nginx workers of a master)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
