@@ -97,6 +97,40 @@ def test_served_requests_land_in_every_histogram_once() -> None:
         loop.close()
 
 
+@pytest.mark.parametrize("step", [10_000, 10_001, 19_999, 3_333_334, 400_000_000])
+def test_served_requests_land_in_the_bucket_of_their_duration(
+    step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener inlines the bucket index (four copies of ``bucket_index``): with a clock
+    that advances ``step`` per reading, each histogram must hold what bisect_left says.
+    Per request the listener reads the clock four times: arrival, sent upstream, answer
+    in, answer out; so signing and upstream take one step, overhead two, duration three."""
+    import itertools
+
+    from loadtests.hotpath import REQUEST, RESPONSE, build
+    from proxy import server
+    from proxy.runtime import new_event_loop
+
+    monkeypatch.setattr(server, "perf_counter_ns", itertools.count(step, step).__next__)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        client, upstream, _ct, _ut = build(loop, metrics=True)
+        for _ in range(5):
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
+        sm = client.router.routes[b"/binance"].metrics
+        assert sm is not None
+        for h, steps in ((sm.signing, 1), (sm.upstream, 1), (sm.overhead, 2), (sm.duration, 3)):
+            expected = [0] * len(h.counts)
+            expected[bisect_left(BUCKETS_NS, steps * step)] = 5
+            assert h.counts == expected
+            assert h.total == 5 * steps * step
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def _metrics() -> Metrics:
     m = Metrics(["svc_a", "svc_b"])
     sm = m.services["svc_a"]
