@@ -288,14 +288,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------- setup
 
 
-def _order_request(order: Order, prefix: str, host_port: str) -> bytes:
+def order_request(order: Order, prefix: str, host_port: str) -> bytes:
     """The order request every path sends; only the route prefix and Host differ."""
     target = prefix + order.path + (f"?{order.query}" if order.query else "")
     return build_request("POST", target, host_port, order.body, order.content_type)
 
 
 def _proxied_target(name: str, port: int, order: Order) -> Target:
-    return Target(name, LOOPBACK, port, _order_request(order, sidecar.ROUTE, f"{LOOPBACK}:{port}"))
+    return Target(name, LOOPBACK, port, order_request(order, sidecar.ROUTE, f"{LOOPBACK}:{port}"))
 
 
 def _cpu_model() -> str:
@@ -448,7 +448,7 @@ def set_up(args: argparse.Namespace, stage: Stage, stack: contextlib.ExitStack) 
                 "direct",
                 LOOPBACK,
                 upstream.port,
-                _order_request(ORDERS[args.venue], "", f"{LOOPBACK}:{upstream.port}"),
+                order_request(ORDERS[args.venue], "", f"{LOOPBACK}:{upstream.port}"),
                 tls_ca_file=str(tls.ca_cert),
                 tls_server_hostname=LOOPBACK,  # what the sidecar dials: IP SAN check
             )

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from loadtests import nginx, sidecar
-from loadtests.bench import ORDERS, REPO_ROOT, _order_request
+from loadtests.bench import ORDERS, REPO_ROOT, order_request
 from loadtests.client import Target, probe
 from loadtests.pki import write_private_file, write_tls_files
 from loadtests.procs import LOOPBACK
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         statuses = [
             probe(
                 Target(
-                    name, LOOPBACK, running.port, _order_request(ORDERS[VENUE], f"/{name}", host)
+                    name, LOOPBACK, running.port, order_request(ORDERS[VENUE], f"/{name}", host)
                 ),
                 2.0,
             ).status
