@@ -28,11 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
+import select
 import shutil
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,12 +63,21 @@ from loadtests.openloop import (
     measure_stalls,
 )
 from loadtests.pki import LEAF_DNS_NAME, write_tls_files
-from loadtests.procs import LOOPBACK, affinity_of, choose_cpus, make_idle, tail
+from loadtests.procs import (
+    LOOPBACK,
+    affinity_of,
+    choose_cpus,
+    make_idle,
+    pin_preexec,
+    stop_process,
+    tail,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
-PATH_NAMES = ("direct", "nginx", "sidecar")
+PATH_NAMES = ("direct", "nginx", "floor", "sidecar")
 SCENARIO_NAMES = ("steady", "engines", "burst", "saturation", "rotation", "outage")
+FLOOR_READY_TIMEOUT_S = 30.0  # the floor forwarder's warm connections, then its ready line
 VAULT_PATH = "sidecar-vault"  # the second sidecar, keys from OpenBao
 VENUES = ("bybit", "binance")
 
@@ -414,6 +426,44 @@ def _start_sidecar(
     return running
 
 
+def _start_floor(
+    stage: Stage, stack: contextlib.ExitStack, upstream_port: int, ca_cert: Path, order: Order
+) -> None:
+    """The bare forwarder on the sidecar's stack (loadtests/floor.py), on the server CPU."""
+    log = stage.run_dir / "floor.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loadtests.floor",
+                "--upstream",
+                f"{LOOPBACK}:{upstream_port}",
+                "--ca-file",
+                str(ca_cert),
+                "--route",
+                sidecar.ROUTE,
+            ],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            preexec_fn=pin_preexec(stage.server_cpu),
+        )
+    stack.callback(stop_process, proc, signal.SIGTERM)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], FLOOR_READY_TIMEOUT_S)
+    line = proc.stdout.readline() if ready else b""
+    try:
+        port = int(json.loads(line)["port"])
+    except (ValueError, KeyError, TypeError):
+        raise SetupError(EXIT_SETUP, "the floor forwarder did not start", tail(log)) from None
+    stage.servers["floor"] = {"port": port, "pids": [proc.pid]}
+    target = _proxied_target("floor", port, order)
+    _check_probe(target, order)
+    stage.targets["floor"] = target
+
+
 def set_up(args: argparse.Namespace, stage: Stage, stack: contextlib.ExitStack) -> None:
     """Start the upstream, nginx and the file-backed sidecar(s); probe each path."""
     try:
@@ -481,6 +531,8 @@ def set_up(args: argparse.Namespace, stage: Stage, stack: contextlib.ExitStack) 
             stage.targets["nginx"] = target
     except nginx.NginxError as exc:
         raise SetupError(EXIT_SETUP, str(exc)) from exc
+    if "floor" in args.paths:
+        _start_floor(stage, stack, upstream.port, tls.ca_cert, ORDERS[args.venue])
 
     policy, policy_source = sidecar.load_policy(REPO_ROOT)
     stage.policy = sidecar.bench_policy(policy, lift_rate_limits=not args.keep_policy_rate_limits)
@@ -594,6 +646,7 @@ def _path_record(
         "paths": report.stats_json(stats),
         "added_vs_direct_us": added,
         "sidecar_over_nginx_added": report.added_ratio(added),
+        "floor_over_nginx_added": report.added_ratio(added, "floor"),
     }
 
 
@@ -609,6 +662,9 @@ def _print_stats(record: dict[str, Any]) -> None:
     ratio = record.get("sidecar_over_nginx_added")
     if ratio:
         print(f"  sidecar/nginx added: p50 {ratio['p50']}, p99 {ratio['p99']}", flush=True)
+    ratio = record.get("floor_over_nginx_added")
+    if ratio:
+        print(f"  floor/nginx added: p50 {ratio['p50']}, p99 {ratio['p99']}", flush=True)
 
 
 def steady(
@@ -729,6 +785,7 @@ def saturation(
     }
     best_side = searches["sidecar"].best if "sidecar" in searches else None
     best_ngx = searches["nginx"].best if "nginx" in searches else None
+    best_floor = searches["floor"].best if "floor" in searches else None
     return {
         "name": "saturation",
         "kind": "saturation",
@@ -742,6 +799,7 @@ def saturation(
         "search": search,
         "paths": {},
         "sidecar_over_nginx_throughput": best_side / best_ngx if best_side and best_ngx else None,
+        "floor_over_nginx_throughput": best_floor / best_ngx if best_floor and best_ngx else None,
     }
 
 
@@ -766,8 +824,9 @@ def vault_stage(
     except (KeyStoreError, OSError, RuntimeError) as exc:
         raise SetupError(EXIT_SETUP, f"OpenBao unavailable: {exc}") from exc
     # OpenBao stands in for a Vault server that runs on other machines: its own CPU is not
-    # the sidecar's to pay. On the shared server CPU it runs under SCHED_IDLE, so serving a
-    # poll never preempts the sidecar; the sidecar's side of each poll is still measured.
+    # the sidecar's to pay. On the shared server CPU it runs under SCHED_IDLE, so its
+    # wake-ups never preempt the sidecar. That does not make it free: on an EEVDF kernel it
+    # can still be picked while the sidecar waits (loadtests/README.md, "Key-store polls").
     idle_threads = make_idle(store.pid) if store.pid else 0
     stage.servers["openbao"] = {
         "pid": store.pid,

@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-COLORS = {"direct": "tab:green", "nginx": "tab:blue", "sidecar": "tab:red"}
+COLORS = {"direct": "tab:green", "nginx": "tab:blue", "floor": "tab:gray", "sidecar": "tab:red"}
 FALLBACK_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:gray")
 PERCENTILE_STYLES = (("p50_us", "p50", "-", "o"), ("p99_us", "p99", "--", "s"))
 DPI = 110

@@ -205,9 +205,11 @@ def added_vs_direct(stats: dict[str, PathStats]) -> dict[str, dict[str, int]]:
     return out
 
 
-def added_ratio(added: dict[str, dict[str, int]]) -> dict[str, float | None] | None:
-    """sidecar added / nginx added at p50 and p99 (None where nginx added <= 0)."""
-    side, ngx = added.get("sidecar"), added.get("nginx")
+def added_ratio(
+    added: dict[str, dict[str, int]], path: str = "sidecar"
+) -> dict[str, float | None] | None:
+    """`path`'s added latency / nginx's at p50 and p99 (None where nginx added <= 0)."""
+    side, ngx = added.get(path), added.get("nginx")
     if side is None or ngx is None:
         return None
     return {q: side[q] / ngx[q] if ngx[q] > 0 else None for q in ("p50", "p99")}
@@ -356,14 +358,20 @@ def summary_markdown(doc: dict[str, Any]) -> str:
             lines.append(_path_row(sc["name"], s, added.get(name)))
         r = sc.get("sidecar_over_nginx_added")
         if r:
-            ratios.append(f"| {sc['name']} | {_ratio(r['p50'])} | {_ratio(r['p99'])} |")
+            f = sc.get("floor_over_nginx_added") or {"p50": None, "p99": None}
+            ratios.append(
+                f"| {sc['name']} | {_ratio(r['p50'])} | {_ratio(r['p99'])} "
+                f"| {_ratio(f['p50'])} | {_ratio(f['p99'])} |"
+            )
     if ratios:
         lines += [
             "",
-            "Sidecar's added latency over nginx's (lower is better; 1.00x = as fast as nginx):",
+            "Added latency over nginx's (lower is better; 1.00x = as fast as nginx). *floor* "
+            "is the bare forwarder on the sidecar's stack (`loadtests/floor.py`): what any "
+            "proxy on CPython, uvloop and httptools adds before doing any work of its own:",
             "",
-            "| scenario | p50 | p99 |",
-            "|---|--:|--:|",
+            "| scenario | sidecar p50 | sidecar p99 | floor p50 | floor p99 |",
+            "|---|--:|--:|--:|--:|",
             *ratios,
         ]
     for sc in doc["scenarios"]:
@@ -390,6 +398,9 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         r = sc.get("sidecar_over_nginx_throughput")
         if r is not None:
             lines += ["", f"Sidecar saturation rate / nginx's: {r:.0%}."]
+            f = sc.get("floor_over_nginx_throughput")
+            if f is not None:
+                lines[-1] += f" The floor's / nginx's: {f:.0%}."
     events = [sc for sc in doc["scenarios"] if sc.get("events")]
     if events:
         lines += [
