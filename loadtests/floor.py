@@ -54,8 +54,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.close()
+        client, self.client = self.client, None
+        if client is not None and client.upstream is self:
+            client.upstream_lost()
 
     def on_message_begin(self) -> None:
         self.head = []
@@ -100,11 +101,26 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.upstream = self.forwarder.take()
-        if self.upstream is None:
-            transport.close()
+        self.attach()
+
+    def attach(self) -> None:
+        """Take a warm upstream connection, or open one (requests queue meanwhile)."""
+        up = self.forwarder.take()
+        if up is None:
+            self.forwarder.connect_for(self)
             return
-        self.upstream.client = self
+        self.upstream = up
+        up.client = self
+        self.send_next()
+
+    def upstream_lost(self) -> None:
+        self.upstream = None
+        if self.transport is None:
+            return
+        if self.busy:
+            self.transport.close()  # an answer was owed on it
+        else:
+            self.attach()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -173,6 +189,7 @@ class Forwarder:
         self.route = route
         self.host_line = b"Host: %s:%d\r\n" % (host.encode(), port)
         self.idle: list[Upstream] = []
+        self.tasks: set[asyncio.Future[None]] = set()
 
     async def warm(self, count: int) -> None:
         for _ in range(count):
@@ -184,6 +201,25 @@ class Forwarder:
             Upstream, self.host, self.port, ssl=self.context, server_hostname=self.host
         )
         return up
+
+    def connect_for(self, client: Client) -> None:
+        async def connect() -> None:
+            try:
+                up = await self._connect()
+            except OSError:
+                if client.transport is not None:
+                    client.transport.close()
+                return
+            if client.transport is None:
+                self.idle.append(up)
+                return
+            client.upstream = up
+            up.client = client
+            client.send_next()
+
+        task = asyncio.ensure_future(connect())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def take(self) -> Upstream | None:
         while self.idle:
