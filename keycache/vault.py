@@ -669,9 +669,16 @@ class VaultSource:
             try:
                 if response.status_code != 200:
                     raise _status_error(response.status_code, _json_errors(response), op, service)
-                return _read_record(response, op, service, version)
-            finally:
-                response.close()
+                record = _read_record(response, op, service, version)
+            except BaseException:
+                response.close()  # and its connection: what is left on it is unknown
+                raise
+            # The body was read to its last byte (_read_record checks the length): the
+            # connection goes back to the pool. response.close() would close it, and each
+            # record read would pay a TLS handshake and a CA file load, 1.8 of its 2.9 ms
+            # of CPU (on the sidecar's core, during a rotation).
+            response.raw.release_conn()
+            return record
 
         return self._call(op, service, call)
 
