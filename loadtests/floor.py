@@ -34,15 +34,33 @@ WARM_CONNECTIONS = 64  # opened at start: more than the benchmark's 32 engines
 DROP = frozenset({b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"host"})
 
 
-class Upstream(asyncio.Protocol):
+class _Message(asyncio.Protocol):
+    """What both sides collect of a message: its end-to-end header lines and its body."""
+
+    def __init__(self) -> None:
+        self.head: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def on_message_begin(self) -> None:
+        self.head = []
+        self.body = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in DROP:
+            self.head.append(b"%s: %s\r\n" % (name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+
+class Upstream(_Message):
     """One warm TLS connection to the upstream, lent to one engine connection at a time."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None
-        self.head: list[bytes] = []
-        self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -57,17 +75,6 @@ class Upstream(asyncio.Protocol):
         client, self.client = self.client, None
         if client is not None and client.upstream is self:
             client.upstream_lost()
-
-    def on_message_begin(self) -> None:
-        self.head = []
-        self.body = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() not in DROP:
-            self.head.append(b"%s: %s\r\n" % (name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         client = self.client
@@ -84,10 +91,11 @@ class Upstream(asyncio.Protocol):
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
 
 
-class Client(asyncio.Protocol):
+class Client(_Message):
     """One engine connection: requests parsed, forwarded one at a time, answered in order."""
 
     def __init__(self, forwarder: Forwarder) -> None:
+        super().__init__()
         self.forwarder = forwarder
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -95,8 +103,6 @@ class Client(asyncio.Protocol):
         self.queue: deque[bytes] = deque()
         self.busy = False
         self.url = b""
-        self.head: list[bytes] = []
-        self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -140,19 +146,11 @@ class Client(asyncio.Protocol):
                 self.transport.close()
 
     def on_message_begin(self) -> None:
+        super().on_message_begin()
         self.url = b""
-        self.head = []
-        self.body = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() not in DROP:
-            self.head.append(b"%s: %s\r\n" % (name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         fw = self.forwarder
