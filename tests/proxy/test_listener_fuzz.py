@@ -198,5 +198,7 @@ def test_the_listener_survives_anything_and_forwards_only_well_formed_requests(
     for _ in range(BATCH):
         data = make_input(rng)
         forwarded += feed(listener, data, rng.randint(0, len(data)))
-    # The checks on forwarded requests must have had something to check.
-    assert forwarded >= BATCH // 10, forwarded
+    # The checks on forwarded requests had something to check. Per batch only "some": the
+    # count is random (mean 32 of 100 over 300 seeds, least 15), and seed 675518 gave 9,
+    # which failed the "at least 10" this asserted before.
+    assert forwarded >= 1, forwarded
