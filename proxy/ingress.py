@@ -48,17 +48,12 @@ from proxy.http11 import (
     PLAIN_CONNECTION,
     SIDECAR_HEADERS,
     build_request,
-    build_response,
     error_response,
 )
 from proxy.metrics import I_BAD_REQUEST, I_OK, I_REFUSED, I_UPSTREAM_FAILED, IngressMetrics
 from proxy.signers.internal import (
     AUTH_INDEX,
-    HEADER_CONTENT_SHA256,
-    HEADER_KEY_ID,
-    HEADER_NONCE,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
+    HEADER_NAMES,
     KEY_ID_PATTERN,
     REFUSAL_CODES,
     REPEATED,
@@ -69,7 +64,7 @@ from proxy.signers.internal import (
     VerifyKey,
     verify,
 )
-from proxy.upstream import ParsedResponse, is_passthrough
+from proxy.upstream import is_passthrough, reframed
 
 __all__ = [
     "CALLER_HEADER",
@@ -140,16 +135,7 @@ _KINDS: Final[dict[bytes, int]] = {}
 MAX_KNOWN_NAMES: Final = 1024
 MAX_KNOWN_NAME_LEN: Final = 64
 for _name in (
-    *(
-        h.encode("ascii")
-        for h in (
-            HEADER_KEY_ID,
-            HEADER_TIMESTAMP,
-            HEADER_NONCE,
-            HEADER_CONTENT_SHA256,
-            HEADER_SIGNATURE,
-        )
-    ),
+    *(h.encode("ascii") for h in HEADER_NAMES),
     *AUTH_INDEX,
     *_DROP,
     b"Host",
@@ -943,17 +929,7 @@ class IngressConnection(asyncio.Protocol):
         if passthrough and req.keep_alive:
             transport.write(raw)
         else:
-            parsed = ParsedResponse(raw)
-            transport.write(
-                build_response(
-                    parsed.status or status,
-                    parsed.reason,
-                    parsed.headers,
-                    parsed.body,
-                    keep_alive=req.keep_alive,
-                    head=req.method == b"HEAD",
-                )
-            )
+            transport.write(reframed(raw, status, req.keep_alive, req.method == b"HEAD"))
         self._after(req)
 
     def upstream_failed(self, error: ProxyError) -> None:

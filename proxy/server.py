@@ -34,7 +34,7 @@ from proxy.errors import (
     Unauthorized,
     UnknownRoute,
 )
-from proxy.http11 import PLAIN_CONNECTION, build_response, error_response
+from proxy.http11 import PLAIN_CONNECTION, error_response
 from proxy.metrics import (
     BUCKET_CUT,
     BUCKET_HIGH,
@@ -48,7 +48,7 @@ from proxy.metrics import (
 from proxy.ratelimit import Share
 from proxy.service import REQUEST_DROP, ServiceRuntime
 from proxy.signers import KeySigner, Rejection
-from proxy.upstream import Exchange, ParsedResponse, UpstreamPool
+from proxy.upstream import Exchange, ParsedResponse, UpstreamPool, reframed
 from proxy.venue_limits import observe as observe_usage
 
 MAX_HEADERS = 100  # more than any venue client sends; bounds per-request memory
@@ -695,17 +695,7 @@ class ClientConnection(asyncio.Protocol):
             # The venue's bytes as received: no header is parsed or re-encoded.
             transport.write(raw)
         else:
-            parsed = ParsedResponse(raw)
-            transport.write(
-                build_response(
-                    parsed.status or status,
-                    parsed.reason,
-                    parsed.headers,
-                    parsed.body,
-                    keep_alive=req.keep_alive,
-                    head=req.method == b"HEAD",
-                )
-            )
+            transport.write(reframed(raw, status, req.keep_alive, req.method == b"HEAD"))
         service = req.service
         if service is not None:
             if status in {429, 418} or (

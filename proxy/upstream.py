@@ -22,6 +22,7 @@ import httptools
 
 from proxy.config import ServiceConfig
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.http11 import build_response
 
 RECONNECT_BASE_S = 0.05  # first retry soon: a venue closing one idle connection is routine
 RECONNECT_MAX_S = 1.0  # cap: a venue back up is in use again within a second, yet never hammered
@@ -100,6 +101,21 @@ class ParsedResponse:
             self.status = status
             self.body = b"".join(self._body)
             self._done = True
+
+
+def reframed(raw: bytes, status: int, keep_alive: bool, head: bool) -> bytes:
+    """The venue's answer re-encoded for the engine (the slow path, when ``raw`` cannot go
+    byte for byte): parsed in full (de-chunked, 1xx skipped), then framed by
+    ``proxy.http11.build_response``. ``head``: the request was a HEAD."""
+    parsed = ParsedResponse(raw)
+    return build_response(
+        parsed.status or status,
+        parsed.reason,
+        parsed.headers,
+        parsed.body,
+        keep_alive=keep_alive,
+        head=head,
+    )
 
 
 class ResponseSink(Protocol):

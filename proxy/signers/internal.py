@@ -45,16 +45,16 @@ HEADER_SIGNATURE = "X-Auth-Signature"
 NONCE_BYTES = 16  # 128 bits: a collision within the replay window is never a concern
 KEY_ID_PATTERN = re.compile(r"hft_[0-9a-f]{32}")
 
-_CREDENTIAL_HEADERS = frozenset(
-    h.lower().encode("ascii")
-    for h in (
-        HEADER_KEY_ID,
-        HEADER_TIMESTAMP,
-        HEADER_NONCE,
-        HEADER_CONTENT_SHA256,
-        HEADER_SIGNATURE,
-    )
+#: The scheme's five headers, as this signer spells them.
+HEADER_NAMES = (
+    HEADER_KEY_ID,
+    HEADER_TIMESTAMP,
+    HEADER_NONCE,
+    HEADER_CONTENT_SHA256,
+    HEADER_SIGNATURE,
 )
+
+_CREDENTIAL_HEADERS = frozenset(h.lower().encode("ascii") for h in HEADER_NAMES)
 
 # Everything after the key-id line, built once: only the four values vary per request.
 _LINES = b"%s: %%s\r\n%s: %%s\r\n%s: %%s\r\n%s: %%s\r\n" % tuple(
