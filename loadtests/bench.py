@@ -478,14 +478,8 @@ def set_up(args: argparse.Namespace, stage: Stage, stack: contextlib.ExitStack) 
     cpu = stage.server_cpu
     try:
         up_prefix = run_dir / "upstream"
-        upstream = nginx.start_nginx(
-            nginx_bin,
-            "upstream",
-            up_prefix,
-            lambda port: nginx.render_upstream_conf(
-                up_prefix, port, tls.leaf_cert, tls.leaf_key, without
-            ),
-            cpu,
+        upstream = nginx.start_upstream(
+            nginx_bin, up_prefix, tls.leaf_cert, tls.leaf_key, without, cpu
         )
         stack.callback(upstream.stop)
         stage.upstream_port = upstream.port

@@ -55,15 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         tls = write_tls_files(run_dir)
         prefix = run_dir / "upstream"
         without = nginx.missing_modules(binary)
-        upstream = nginx.start_nginx(
-            binary,
-            "upstream",
-            prefix,
-            lambda port: nginx.render_upstream_conf(
-                prefix, port, tls.leaf_cert, tls.leaf_key, without
-            ),
-            None,
-        )
+        upstream = nginx.start_upstream(binary, prefix, tls.leaf_cert, tls.leaf_key, without, None)
         stack.callback(upstream.stop)
         policy, _ = sidecar.load_policy(REPO_ROOT)
         config = sidecar.render_config(

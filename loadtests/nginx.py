@@ -294,6 +294,19 @@ def start_nginx(
     raise NginxError(f"{name}: nginx did not start; {error_log}:\n{last_log}")
 
 
+def start_upstream(
+    binary: str, prefix: Path, cert: Path, key: Path, without: frozenset[str], cpu: int | None
+) -> NginxInstance:
+    """The TLS stand-in venue (``render_upstream_conf``) under ``prefix``."""
+    return start_nginx(
+        binary,
+        "upstream",
+        prefix,
+        lambda port: render_upstream_conf(prefix, port, cert, key, without),
+        cpu,
+    )
+
+
 def _wait_workers(master: int, timeout_s: float = 5.0) -> list[int]:
     deadline = time.monotonic() + timeout_s
     workers = child_pids(master)

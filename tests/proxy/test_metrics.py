@@ -19,6 +19,7 @@ from proxy.metrics import (
     Histogram,
     KeyGauge,
     Metrics,
+    ServiceMetrics,
     StoreGauge,
     _bucket_tables,
     bucket_index,
@@ -72,7 +73,9 @@ def test_bucket_tables_refuse_bounds_closer_than_double() -> None:
         _bucket_tables((10, 15))
 
 
-def test_served_requests_land_in_every_histogram_once() -> None:
+def _serve(requests: int) -> ServiceMetrics:
+    """Send ``requests`` orders through the real listener (``loadtests.hotpath``'s fakes,
+    metrics on) and return the service's metrics."""
     from loadtests.hotpath import REQUEST, RESPONSE, build
     from proxy.runtime import new_event_loop
 
@@ -80,21 +83,25 @@ def test_served_requests_land_in_every_histogram_once() -> None:
     asyncio.set_event_loop(loop)
     try:
         client, upstream, _ct, _ut = build(loop, metrics=True)
-        for _ in range(25):
+        for _ in range(requests):
             client.data_received(REQUEST)
             upstream.data_received(RESPONSE)
-        service = client.router.routes[b"/binance"]
-        sm = service.metrics
+        sm = client.router.routes[b"/binance"].metrics
         assert sm is not None
-        for h in (sm.duration, sm.overhead, sm.signing, sm.upstream):
-            assert sum(h.counts) == 25
-            assert h.total > 0
-        # overhead is duration minus upstream, request by request
-        assert sm.overhead.total == sm.duration.total - sm.upstream.total
-        assert sm.outcomes[OK] == 25
+        return sm
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def test_served_requests_land_in_every_histogram_once() -> None:
+    sm = _serve(25)
+    for h in (sm.duration, sm.overhead, sm.signing, sm.upstream):
+        assert sum(h.counts) == 25
+        assert h.total > 0
+    # overhead is duration minus upstream, request by request
+    assert sm.overhead.total == sm.duration.total - sm.upstream.total
+    assert sm.outcomes[OK] == 25
 
 
 @pytest.mark.parametrize("step", [10_000, 10_001, 19_999, 3_333_334, 400_000_000])
@@ -107,28 +114,15 @@ def test_served_requests_land_in_the_bucket_of_their_duration(
     in, answer out; so signing and upstream take one step, overhead two, duration three."""
     import itertools
 
-    from loadtests.hotpath import REQUEST, RESPONSE, build
     from proxy import server
-    from proxy.runtime import new_event_loop
 
     monkeypatch.setattr(server, "perf_counter_ns", itertools.count(step, step).__next__)
-    loop = new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        client, upstream, _ct, _ut = build(loop, metrics=True)
-        for _ in range(5):
-            client.data_received(REQUEST)
-            upstream.data_received(RESPONSE)
-        sm = client.router.routes[b"/binance"].metrics
-        assert sm is not None
-        for h, steps in ((sm.signing, 1), (sm.upstream, 1), (sm.overhead, 2), (sm.duration, 3)):
-            expected = [0] * len(h.counts)
-            expected[bisect_left(BUCKETS_NS, steps * step)] = 5
-            assert h.counts == expected
-            assert h.total == 5 * steps * step
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
+    sm = _serve(5)
+    for h, steps in ((sm.signing, 1), (sm.upstream, 1), (sm.overhead, 2), (sm.duration, 3)):
+        expected = [0] * len(h.counts)
+        expected[bisect_left(BUCKETS_NS, steps * step)] = 5
+        assert h.counts == expected
+        assert h.total == 5 * steps * step
 
 
 def _metrics() -> Metrics:
