@@ -136,6 +136,57 @@ def test_record_reads_reuse_their_tls_connection(
     assert len(connects) == 1
 
 
+def test_the_poll_reads_metadata_without_requests_on_one_connection(
+    admin: VaultSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's poll (``read_metadata``, every second per service) goes straight
+    through urllib3 on a keep-alive connection: requests' machinery tripled its CPU on the
+    sidecar's core (loadtests/vaultreads.py). With requests made unusable, polls still
+    work, and five of them open one connection."""
+    import requests
+    import urllib3.connection
+
+    admin.write_version("svc", hmac_record(), cas=0)
+
+    def no_requests(*_a: object, **_k: object) -> None:
+        raise AssertionError("a metadata read went through requests")
+
+    monkeypatch.setattr(requests.Session, "send", no_requests)
+    connects: list[object] = []
+    connect = urllib3.connection.HTTPSConnection.connect
+
+    def counting_connect(self: urllib3.connection.HTTPSConnection) -> None:
+        connects.append(self)
+        connect(self)
+
+    monkeypatch.setattr(urllib3.connection.HTTPSConnection, "connect", counting_connect)
+    for _ in range(5):
+        md = admin.read_metadata("svc")
+        assert md.current_version == 1
+        assert [v.version for v in md.versions] == [1]
+    assert len(connects) == 1
+    with pytest.raises(KeyStoreNotFound, match=r"read_metadata\(other\): not found"):
+        admin.read_metadata("other")
+
+
+def test_a_store_that_is_not_listening_cannot_be_connected(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "token").write_text("unused")
+    source = VaultSource(
+        f"https://127.0.0.1:{port}",
+        auth=VaultAuthSettings("token", token_file=tmp_path / "token"),
+        verify=False,
+        timeout_s=2.0,
+    )
+    with pytest.raises(KeyStoreUnavailable, match=r"read_metadata\(svc\): cannot connect"):
+        source.read_metadata("svc")
+    source.close()
+
+
 def test_check_and_set_conflict_carries_the_current_version(admin: VaultSource) -> None:
     admin.write_version("svc", hmac_record(), cas=0)
     admin.write_version("svc", hmac_record(), cas=1)
