@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--paths",
         type=_choices(PATH_NAMES),
         default=PATH_NAMES,
-        help="comma list of direct,nginx,sidecar (default all; rotation/outage use their "
+        help="comma list of direct,nginx,floor,sidecar (default all; rotation/outage use their "
         "own Vault-backed sidecar)",
     )
     g.add_argument("--quick", action="store_true", help="short smoke run of every scenario")
