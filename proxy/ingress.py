@@ -427,11 +427,12 @@ class LocalConnection(asyncio.Protocol):
         status = self.status
         self.raw, self.body_len, self.status, self.interim = [], 0, 0, False
         self.exchange = None
-        ex.complete(status, raw, passthrough)
+        # Handed back first, as proxy.upstream's: a pipelined next request finds it idle.
         if keep:
             self.pool.release(self)
         else:
             self.abort()
+        ex.complete(status, raw, passthrough)
 
     def send(self, ex: _Exchange) -> None:
         assert self.transport is not None

@@ -276,11 +276,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.exchange = None
         self.used += 1
-        ex.complete(status, raw, passthrough)
+        # The connection is handed back before the answer goes on: the answer may start
+        # the engine's next pipelined request, which then finds it idle (completing first
+        # left it busy, and every pipelined request opened one more TLS connection).
         if keep:
             self.pool.release(self)
         else:
             self.abort()
+        ex.complete(status, raw, passthrough)
 
     # used by the pool
     def send(self, ex: Exchange) -> None:

@@ -84,11 +84,14 @@ class Listener:
             sent.append(data)
             head = data.startswith(b"HEAD ")
             self.upstream.data_received(VENUE_OK_HEAD if head else VENUE_OK)
+        # Connections the pool scheduled (a reconnect, or one more for a request that found
+        # none idle): the loop never runs here, so they never would. Closed, not left to
+        # be collected as never-awaited coroutines.
+        for task in self.pool._tasks:
+            task.cancel()
+            task.get_coro().close()
+        self.pool._tasks.clear()
         if self.up_transport.closed:
-            for task in self.pool._tasks:  # the reconnect it scheduled: never to run here
-                task.cancel()
-                task.get_coro().close()
-            self.pool._tasks.clear()
             self.up_transport = FakeTransport()
             self.upstream = UpstreamConnection(self.pool)
             self.upstream.connection_made(self.up_transport)  # type: ignore[arg-type]

@@ -250,6 +250,30 @@ async def test_malformed_http_gets_400_and_the_connection_closes(setup: Setup) -
     assert b'"code": "bad_request"' in answer
 
 
+async def test_pipelined_calls_share_one_connection_to_the_service(setup: Setup) -> None:
+    """Three signed calls pipelined on one connection are answered in order over one
+    connection to the protected service: each answer hands that connection back before it
+    starts the next call (passing the answer on first opened a connection per call)."""
+    calls = b""
+    for n in range(3):
+        target = f"/internal/v1/echo?n={n}"
+        headers = sign("GET", target, b"")
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        calls += f"GET {target} HTTP/1.1\r\nHost: a\r\n{lines}\r\n".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", setup.port)
+    writer.write(calls)
+    await writer.drain()
+    targets = []
+    for _ in range(3):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        targets.append(json.loads(await reader.readexactly(length))["target"])
+    writer.close()
+    assert targets == [f"/internal/v1/echo?n={n}" for n in range(3)]
+    assert setup.ingress.pool.size == 1
+
+
 class _Sink:
     """A fake transport: collects writes."""
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.proxy.listener_harness import Listener
+from tests.proxy.listener_harness import VENUE_OK, Listener
 
 ORDER = b"POST /binance/api/v3/order?symbol=BTCUSDT&side=BUY HTTP/1.1\r\nHost: x\r\n"
 
@@ -143,3 +143,28 @@ def test_draining_closes_each_connection_after_its_answer(loop: asyncio.Abstract
     answer = b"".join(busy_t.written)
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"\r\nConnection: close\r\n" in answer
     assert busy_t.closed
+
+
+def test_pipelined_requests_reuse_the_one_venue_connection(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Three pipelined orders on a pool of one warm connection: each goes out on it once
+    the answer before it is in, and the pool opens no other connection (it did, one per
+    pipelined request, when the answer was passed on before the connection was free)."""
+    listener = Listener(loop)
+    conn, transport = listener.connect()
+    order = ORDER + b"Content-Length: 0\r\n\r\n"
+    conn.data_received(order * 3)
+    spawned: list[int] = []
+    sent = []
+    while listener.up_transport.written:
+        sent.append(b"".join(listener.up_transport.written))
+        listener.up_transport.written.clear()
+        listener.upstream.data_received(VENUE_OK)
+        spawned.append(len(listener.pool._tasks))
+    assert len(sent) == 3
+    assert spawned == [0, 0, 0]
+    assert not listener.pool.waiters
+    assert listener.pool.idle == [listener.upstream]
+    out = b"".join(transport.written)
+    assert out.count(b"HTTP/1.1 200 ") == 3
