@@ -52,7 +52,7 @@ def is_passthrough(raw: bytes, head_end: int, body_len: int) -> bool:
     if not raw.startswith(b"HTTP/1.1 ") or len(raw) - head_end - 4 != body_len:
         return False
     low = raw[:head_end].lower()
-    if b"\r\nkeep-alive:" in low or b"\r\nx-authproxy-error:" in low:
+    if low.find(b"\r\nkeep-alive:") >= 0 or low.find(b"\r\nx-authproxy-error:") >= 0:
         return False
     at = low.find(b"\r\nconnection:")
     if at < 0:

@@ -126,7 +126,7 @@ def strip_params(data: bytes, names: frozenset[bytes]) -> bytes:
     if not data:
         return data
     for name in names:
-        if name + b"=" in data:
+        if data.find(name + b"=") >= 0:  # not `in`: see proxy.http11
             break
     else:
         return data  # the common case: nothing to strip, decided in C
@@ -137,7 +137,7 @@ def strip_params(data: bytes, names: frozenset[bytes]) -> bytes:
 
 def has_param(data: bytes, name: bytes) -> bool:
     """Whether a form/query string carries ``name=`` (at a parameter boundary)."""
-    return data.startswith(name + b"=") or (b"&" + name + b"=") in data
+    return data.startswith(name + b"=") or data.find(b"&" + name + b"=") >= 0
 
 
 def percent_b64(sig: bytes) -> bytes:

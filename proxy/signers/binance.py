@@ -75,12 +75,13 @@ class _BinanceSigner:
     def sign(
         self, method: bytes, path: bytes, query: bytes, body: bytes, now_ms: int
     ) -> tuple[bytes, bytes, bytes]:
-        # Substring tests run in C; the exact, slower checks only when one hits.
-        if b"signature=" in query or b"timestamp=" in query:
+        # Substring tests run in C; the exact, slower checks only when one hits. find(),
+        # not `in` (proxy.http11: `in` on bytes costs twice as much).
+        if query.find(b"signature=") >= 0 or query.find(b"timestamp=") >= 0:
             query = strip_params(query, _CREDENTIAL_PARAMS)
-        if body and (b"signature=" in body or b"timestamp=" in body):
+        if body and (body.find(b"signature=") >= 0 or body.find(b"timestamp=") >= 0):
             body = strip_params(body, _CREDENTIAL_PARAMS)
-        if (b"recvWindow=" in query or b"recvWindow=" in body) and (
+        if (query.find(b"recvWindow=") >= 0 or body.find(b"recvWindow=") >= 0) and (
             has_param(query, b"recvWindow") or has_param(body, b"recvWindow")
         ):
             params = b"timestamp=%d" % now_ms
