@@ -111,6 +111,8 @@ def normalize_target_part(part: bytes) -> bytes | None:
     ``symbol=%EF%BC%91...``), and a raw byte >= 0x80 is not valid in a request target.
     Controls and spaces could split the request line or a header: refused.
     """
+    if not part:
+        return part  # an empty query, as most POSTs with a body have: nothing to check
     if len(part.translate(None, _BAD_TARGET_BYTES)) != len(part):
         return None
     if part.isascii():

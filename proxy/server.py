@@ -551,7 +551,7 @@ class ClientConnection(asyncio.Protocol):
             if not url.startswith(b"/"):
                 raise BadRequest("request target must be an absolute path")
             path, _, query = url.partition(b"?")
-            if query.find(b"#") >= 0:  # not `in`: see proxy.http11
+            if query and query.find(b"#") >= 0:  # not `in`: see proxy.http11
                 query = query.partition(b"#")[0]
             cut = path.find(b"/", 1)
             if cut < 0:

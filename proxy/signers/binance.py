@@ -81,7 +81,7 @@ class _BinanceSigner:
             query = strip_params(query, _CREDENTIAL_PARAMS)
         if body and (body.find(b"signature=") >= 0 or body.find(b"timestamp=") >= 0):
             body = strip_params(body, _CREDENTIAL_PARAMS)
-        if (query.find(b"recvWindow=") >= 0 or body.find(b"recvWindow=") >= 0) and (
+        if (query.find(b"recvWindow=") >= 0 or (body and body.find(b"recvWindow=") >= 0)) and (
             has_param(query, b"recvWindow") or has_param(body, b"recvWindow")
         ):
             params = b"timestamp=%d" % now_ms
