@@ -65,7 +65,7 @@ def find_nginx() -> str | None:
     return next((p for p in NGINX_PATHS if os.access(p, os.X_OK)), None)
 
 
-def _apt_get(args: list[str], timeout_s: float) -> bool:
+def apt_get(args: list[str], timeout_s: float) -> bool:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     print(f"bench: apt-get {' '.join(args)}", flush=True)
     try:
@@ -95,10 +95,10 @@ def ensure_nginx(timeout_s: float = APT_TIMEOUT_S) -> str:
         made_policy = True
     try:
         for refresh in (False, True):
-            if refresh and not _apt_get(["update"], timeout_s):
+            if refresh and not apt_get(["update"], timeout_s):
                 break
             for package in APT_PACKAGES:
-                if _apt_get(["install", "-y", "--no-install-recommends", package], timeout_s):
+                if apt_get(["install", "-y", "--no-install-recommends", package], timeout_s):
                     found = find_nginx()
                     if found:
                         return found

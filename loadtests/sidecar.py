@@ -349,8 +349,14 @@ def _pump(
                     ready.put((name, event))
 
 
-def start(exe: Path, config_path: Path, run_dir: Path, cpu: int | None) -> Sidecar:
-    """Run `authproxy serve` and wait for its ready line (READY_TIMEOUT_S).
+def start(
+    exe: Path,
+    config_path: Path,
+    run_dir: Path,
+    cpu: int | None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Sidecar:
+    """Run `authproxy serve` and wait for its ready line (``ready_timeout_s``).
 
     The contract says stdout; a ready line on stderr is accepted too (and reported), so a
     sidecar that logs everything to stderr can still be measured. Raises SidecarError with
@@ -380,7 +386,7 @@ def start(exe: Path, config_path: Path, run_dir: Path, cpu: int | None) -> Sidec
     ]
     for pump in pumps:
         pump.start()
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         try:
             ready_on, event = ready.get(timeout=0.1)
@@ -398,7 +404,7 @@ def start(exe: Path, config_path: Path, run_dir: Path, cpu: int | None) -> Sidec
     if exited is not None:
         why = f"`authproxy serve` exited with code {exited} before its ready line"
     else:
-        why = f"`authproxy serve` printed no ready line within {READY_TIMEOUT_S:.0f}s"
+        why = f"`authproxy serve` printed no ready line within {ready_timeout_s:.0f}s"
     raise SidecarError(
         why,
         f"--- stderr ---\n{tail(stderr_log)}\n--- stdout ---\n{tail(stdout_log)}",
