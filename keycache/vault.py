@@ -192,7 +192,7 @@ class _ThreadToken(requests.auth.AuthBase):
         return token
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        token: str | None = getattr(self._local, "token", None)
+        token = self.current()
         if token:
             r.headers["X-Vault-Token"] = token
         return r
@@ -319,9 +319,10 @@ class _SecretTransport(requests.adapters.HTTPAdapter):
 
 # -- the poll: metadata reads straight through urllib3 ----------------------------------
 
-#: Connections kept for metadata reads: one per service polled at once is plenty (the
-#: watcher polls each service in its own worker thread); more are opened and dropped.
-METADATA_CONNECTIONS: Final = 4
+#: Connections kept for metadata reads, as requests keeps per host: polls of several
+#: services may run at once in the loop's worker threads; beyond this many, a connection
+#: is opened for the read and dropped after it.
+METADATA_CONNECTIONS: Final = 10
 
 
 class _MetadataReader:
@@ -329,20 +330,24 @@ class _MetadataReader:
 
     The poll runs every ``poll_interval_ms`` (1 s by default) for every service, in a
     worker thread on the sidecar's CPU. Through hvac and requests a read took 0.9-1.3 ms
-    of CPU in that thread; straight through urllib3 it takes about a third of that
-    (docs/performance.md, "The key store's poll"), and every millisecond of it is a
+    of CPU in that thread; straight through urllib3 it takes about half of that
+    (docs/performance.md, "The poll without hvac"), and every millisecond of it is a
     millisecond the event loop may wait. The trade: a second, small HTTP path next to
-    hvac's, for GETs of metadata only (nothing secret). The settings are the session's:
-    the same ``verify`` (a CA file re-read for each new connection, certifi's bundle for
-    True), the same timeout, no retries, no redirects, no proxies, nothing taken from the
-    environment. Pools are thread-safe; this one is built on first use, in a worker
-    thread."""
+    hvac's, for GETs of metadata only (nothing secret). The settings are hvac's and the
+    session's: the address's path kept as a prefix, ``X-Vault-Request: true`` sent, the
+    same ``verify`` (a CA file re-read for each new connection, a CA directory, certifi's
+    bundle for True), the same timeout, no retries, no redirects, no proxies, nothing
+    taken from the environment. Pools are thread-safe; this one is built on first use,
+    in a worker thread."""
 
     def __init__(self, address: str, verify: bool | str, timeout_s: float) -> None:
         url = urllib3.util.parse_url(address)
         self._https = url.scheme == "https"
         self._host = url.host or ""
         self._port = url.port or (443 if self._https else 80)
+        # hvac joins "/v1/..." to the whole address: a Vault behind a path (a gateway
+        # routing https://gw/vault/...) is reached the same way here.
+        self._prefix = (url.path or "").rstrip("/")
         self._verify = verify
         self._timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         self._pool: urllib3.HTTPConnectionPool | None = None
@@ -373,15 +378,21 @@ class _MetadataReader:
                         if self._verify is True
                         else self._verify
                     )
+                    # As requests: a directory of hashed certificates, or a bundle file.
+                    if os.path.isdir(ca):
+                        common["ca_cert_dir"] = ca
+                    else:
+                        common["ca_certs"] = ca
                     self._pool = urllib3.HTTPSConnectionPool(
-                        self._host, self._port, cert_reqs=ssl.CERT_REQUIRED, ca_certs=ca, **common
+                        self._host, self._port, cert_reqs=ssl.CERT_REQUIRED, **common
                     )
             return self._pool
 
     def ca_missing(self) -> str | None:
-        """The CA file named by ``verify`` when it cannot be read, else None."""
+        """The CA file or directory named by ``verify`` when it cannot be read, else None."""
         if isinstance(self._verify, str) and not (
-            os.path.isfile(self._verify) and os.access(self._verify, os.R_OK)
+            (os.path.isfile(self._verify) or os.path.isdir(self._verify))
+            and os.access(self._verify, os.R_OK)
         ):
             return self._verify
         return None
@@ -389,10 +400,13 @@ class _MetadataReader:
     def get(self, path: str, token: str | None) -> tuple[int, bytes]:
         """Status and body of ``GET path``. Raises urllib3's exceptions (``_get_json``
         translates them)."""
+        headers = {"X-Vault-Request": "true"}  # hvac's: Vault Agent may require it
+        if token:
+            headers["X-Vault-Token"] = token
         response = self._get_pool().urlopen(
             "GET",
-            path,
-            headers={"X-Vault-Token": token} if token else {},
+            self._prefix + path,
+            headers=headers,
             retries=False,
             redirect=False,
             preload_content=True,  # read whole; the connection goes back to the pool
@@ -464,16 +478,27 @@ def _translate(exc: Exception, op: str, service: str | None, timeout_s: float) -
             return KeyStoreUnavailable(f"{where}: unexpected answer from the store")
         return _status_error(status, errors, op, service)
     if isinstance(exc, requests.exceptions.SSLError):
-        return KeyStoreUnavailable(f"{where}: TLS handshake or certificate verification failed")
+        return KeyStoreUnavailable(f"{where}: {_TLS_FAILED}")
     if isinstance(exc, requests.exceptions.Timeout):
-        return KeyStoreUnavailable(f"{where}: timed out after {timeout_s:g} s")
+        return KeyStoreUnavailable(f"{where}: {_timed_out(timeout_s)}")
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return KeyStoreUnavailable(f"{where}: cannot connect")
+        return KeyStoreUnavailable(f"{where}: {_CANNOT_CONNECT}")
     if isinstance(exc, requests.exceptions.RequestException):
         return KeyStoreUnavailable(f"{where}: request failed ({type(exc).__name__})")
     if isinstance(exc, ValueError | KeyError | TypeError):
         return KeyStoreUnavailable(f"{where}: malformed answer from the store")
     raise exc
+
+
+#: What both translations say about a failed connection (the same words either way).
+_TLS_FAILED: Final = "TLS handshake or certificate verification failed"
+_CANNOT_CONNECT: Final = "cannot connect"
+#: The statuses hvac raises a specific exception for (the rest: "unexpected answer").
+_KNOWN_STATUSES: Final = frozenset(_STATUS_OF.values())
+
+
+def _timed_out(timeout_s: float) -> str:
+    return f"timed out after {timeout_s:g} s"
 
 
 def _translate_urllib3(
@@ -490,12 +515,12 @@ def _translate_urllib3(
             return KeyStoreUnavailable(
                 f"{where}: local I/O error: cannot read the CA certificate bundle {ca_missing}"
             )
-        return KeyStoreUnavailable(f"{where}: TLS handshake or certificate verification failed")
+        return KeyStoreUnavailable(f"{where}: {_TLS_FAILED}")
     # NewConnectionError subclasses ConnectTimeoutError: checked first.
     if isinstance(exc, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ProtocolError):
-        return KeyStoreUnavailable(f"{where}: cannot connect")
+        return KeyStoreUnavailable(f"{where}: {_CANNOT_CONNECT}")
     if isinstance(exc, urllib3.exceptions.TimeoutError):
-        return KeyStoreUnavailable(f"{where}: timed out after {timeout_s:g} s")
+        return KeyStoreUnavailable(f"{where}: {_timed_out(timeout_s)}")
     return KeyStoreUnavailable(f"{where}: request failed ({type(exc).__name__})")
 
 
@@ -509,12 +534,7 @@ def _body_errors(body: bytes) -> list[str]:
 
 
 def _json_errors(response: requests.Response) -> list[str]:
-    try:
-        body = response.json()
-    except ValueError:
-        return []
-    errors = body.get("errors") if isinstance(body, dict) else None
-    return [str(e) for e in errors] if isinstance(errors, list) else []
+    return _body_errors(response.content)
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -749,7 +769,12 @@ class VaultSource:
         else:
             if status == 200:
                 return json.loads(body)
-            err = _status_error(status, _body_errors(body), op, service)
+            if status in _KNOWN_STATUSES or 300 <= status < 400:
+                err = _status_error(status, _body_errors(body), op, service)
+            else:  # as hvac's path: a status it has no exception for
+                err = KeyStoreUnavailable(
+                    f"{_where(op, service)}: unexpected answer from the store (HTTP {status})"
+                )
         # Raised outside the except block: urllib3's exception is not kept as __context__.
         raise err
 

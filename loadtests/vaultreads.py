@@ -10,7 +10,9 @@ for (docs/performance.md, "The key store's poll"). This times, per call, the thr
 
 - ``poll``: ``VaultSource.read_metadata``, the poll as the sidecar makes it;
 - ``poll via hvac``: the same read through ``hvac`` and ``requests`` (a client with the
-  sidecar's settings), the way the poll was made before: the baseline, same run;
+  sidecar's settings), the way the poll was made before: the baseline, same run. It is
+  a bare client, without the token keeper, the error translation and the parsing into
+  ``SecretMetadata`` that both paths share: the saving it shows is the transport's;
 - ``record``: ``VaultSource.read_version``, a rotation's record read.
 
 Each round runs every kind N times, interleaved, after 10 warm-up calls; the table gives

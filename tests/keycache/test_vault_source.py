@@ -187,6 +187,95 @@ def test_a_store_that_is_not_listening_cannot_be_connected(tmp_path: Path) -> No
     source.close()
 
 
+class _Recorder:
+    """A plain-HTTP stand-in for Vault on loopback: answers each GET with the next queued
+    (status, body) (or never, for ``None``), and records the path and headers it got."""
+
+    def __init__(self, answers: list[tuple[int, bytes] | None]) -> None:
+        import http.server
+        import threading
+
+        self.seen: list[tuple[str, dict[str, str]]] = []
+        self.release = threading.Event()
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if "/auth/token/" in self.path:  # the keeper's look at its token
+                    answer: tuple[int, bytes] | None = (200, b'{"data": {"ttl": 0}}')
+                else:
+                    recorder.seen.append((self.path, dict(self.headers.items())))
+                    answer = answers.pop(0)
+                if answer is None:
+                    recorder.release.wait(10)  # a store that does not answer
+                    return
+                status, body = answer
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_a: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+METADATA = json.dumps(
+    {
+        "data": {
+            "current_version": 1,
+            "oldest_version": 0,
+            "versions": {
+                "1": {
+                    "created_time": "2026-11-29T00:00:00Z",
+                    "deletion_time": "",
+                    "destroyed": False,
+                }
+            },
+        }
+    }
+).encode()
+
+
+def test_the_poll_keeps_the_address_path_and_sends_what_hvac_sends(tmp_path: Path) -> None:
+    """A Vault behind a path (a gateway at http://host/vault) is polled under that path,
+    with hvac's X-Vault-Request header and the token; a status hvac has no exception for
+    is 'unexpected', a store that does not answer times out."""
+    store = _Recorder([(200, METADATA), (405, b"{}"), None])
+    (tmp_path / "token").write_text("s.polltoken")
+    source = VaultSource(
+        f"http://127.0.0.1:{store.port}/vault/",
+        auth=VaultAuthSettings("token", token_file=tmp_path / "token"),
+        timeout_s=0.5,
+    )
+    try:
+        assert source.read_metadata("svc").current_version == 1
+        path, headers = store.seen[0]
+        assert path == "/vault/v1/secret/metadata/api_keys/svc"
+        assert headers["X-Vault-Request"] == "true"
+        assert headers["X-Vault-Token"] == "s.polltoken"
+        with pytest.raises(
+            KeyStoreUnavailable, match=r"unexpected answer from the store \(HTTP 405\)"
+        ):
+            source.read_metadata("svc")
+        with pytest.raises(
+            KeyStoreUnavailable, match=r"read_metadata\(svc\): timed out after 0.5 s"
+        ):
+            source.read_metadata("svc")
+    finally:
+        source.close()
+        store.close()
+
+
 def test_check_and_set_conflict_carries_the_current_version(admin: VaultSource) -> None:
     admin.write_version("svc", hmac_record(), cas=0)
     admin.write_version("svc", hmac_record(), cas=1)
@@ -251,6 +340,31 @@ def test_tls_is_verified_against_the_given_ca(vault: KVSpace, tmp_path: Path) ->
         right.read_metadata("svc")  # reached Vault: TLS fine, nothing written yet
     for source in (wrong, system, missing, right):
         source.close()
+
+
+def test_a_ca_directory_verifies_the_poll_as_requests_does(vault: KVSpace, tmp_path: Path) -> None:
+    """``verify`` may name a directory of hashed CA certificates (``openssl rehash``): the
+    poll's pool is given it as a directory, the way requests hands it to urllib3."""
+    cas = tmp_path / "cas"
+    cas.mkdir()
+    subject_hash = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", str(vault.server.ca_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (cas / f"{subject_hash}.0").write_bytes(Path(vault.server.ca_file).read_bytes())
+    token = vault.server.create_token(["test-kv-admin"])
+    (tmp_path / "token").write_text(token)
+    source = VaultSource(
+        vault.server.address,
+        auth=VaultAuthSettings("token", token_file=tmp_path / "token"),
+        path_prefix=vault.prefix,
+        verify=cas,
+    )
+    with pytest.raises(KeyStoreNotFound):
+        source.read_metadata("svc")  # reached Vault: TLS verified, nothing written yet
+    source.close()
 
 
 ENV_PROBE = r"""

@@ -178,6 +178,8 @@ def feed(listener: Listener, data: bytes, cut: int) -> int:
     conn.eof_received()
     conn.connection_lost(None)
     assert listener.router.connections == 0
+    # One engine connection, answered in order, never needs a second venue connection.
+    assert listener.extra_connects == 0
     return len(forwarded)
 
 
