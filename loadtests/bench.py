@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
-import select
 import shutil
 import signal
 import ssl
@@ -47,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from loadtests import nginx, openloop, report, scenarios, sidecar
+from loadtests import floor, nginx, openloop, report, scenarios, sidecar
 from loadtests.client import Target, probe
 from loadtests.httpwire import HttpWireError, build_request
 from loadtests.keystore import KeyStore, KeyStoreError
@@ -433,17 +431,7 @@ def _start_floor(
     log = stage.run_dir / "floor.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "loadtests.floor",
-                "--upstream",
-                f"{LOOPBACK}:{upstream_port}",
-                "--ca-file",
-                str(ca_cert),
-                "--route",
-                sidecar.ROUTE,
-            ],
+            [sys.executable, *floor.command(f"{LOOPBACK}:{upstream_port}", ca_cert, sidecar.ROUTE)],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -452,12 +440,9 @@ def _start_floor(
         )
     stack.callback(stop_process, proc, signal.SIGTERM)
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], FLOOR_READY_TIMEOUT_S)
-    line = proc.stdout.readline() if ready else b""
-    try:
-        port = int(json.loads(line)["port"])
-    except (ValueError, KeyError, TypeError):
-        raise SetupError(EXIT_SETUP, "the floor forwarder did not start", tail(log)) from None
+    port = floor.read_ready(proc.stdout, FLOOR_READY_TIMEOUT_S)
+    if port is None:
+        raise SetupError(EXIT_SETUP, "the floor forwarder did not start", tail(log))
     stage.servers["floor"] = {"port": port, "pids": [proc.pid]}
     target = _proxied_target("floor", port, order)
     _check_probe(target, order)

@@ -20,16 +20,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import select
 import signal
 import socket
 import ssl
 import sys
 from collections import deque
+from pathlib import Path
+from typing import IO
 
 import httptools
 import uvloop
 
 WARM_CONNECTIONS = 64  # opened at start: more than the benchmark's 32 engines
+
+
+def command(upstream: str, ca_file: Path, route: str, *extra: str) -> list[str]:
+    """The arguments, after a Python executable, that start the floor (for the tools
+    that run it: ``loadtests.bench``, ``loadtests.instructions``)."""
+    return [
+        "-m",
+        "loadtests.floor",
+        "--upstream",
+        upstream,
+        "--ca-file",
+        str(ca_file),
+        "--route",
+        route,
+        *extra,
+    ]
+
+
+def read_ready(stdout: IO[bytes], timeout_s: float) -> int | None:
+    """The port on the floor's ready line, read from its ``stdout`` within ``timeout_s``;
+    None when no well-formed line came."""
+    ready, _, _ = select.select([stdout], [], [], timeout_s)
+    line = stdout.readline() if ready else b""
+    try:
+        return int(json.loads(line)["port"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 # Hop-by-hop or re-framed: never copied from one side to the other.
 DROP = frozenset({b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"host"})
 

@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
-import select
+import shlex
 import shutil
 import signal
 import socket
@@ -46,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests import nginx, sidecar
+from loadtests import floor, nginx, sidecar
 from loadtests.bench import ORDERS, REPO_ROOT
 from loadtests.pki import write_tls_files
 from loadtests.procs import stop_process
@@ -141,16 +140,13 @@ def _running(setup: Setup, target: str, out: Path) -> Iterator[int]:
         proc = subprocess.Popen(
             [
                 *_callgrind(setup, out),
-                "-m",
-                "loadtests.floor",
-                "--upstream",
-                f"127.0.0.1:{setup.upstream_port}",
-                "--ca-file",
-                str(setup.ca_cert),
-                "--route",
-                sidecar.ROUTE,
-                "--connections",
-                "2",
+                *floor.command(
+                    f"127.0.0.1:{setup.upstream_port}",
+                    setup.ca_cert,
+                    sidecar.ROUTE,
+                    "--connections",
+                    "2",
+                ),
             ],
             cwd=REPO_ROOT,
             env=env,
@@ -160,12 +156,9 @@ def _running(setup: Setup, target: str, out: Path) -> Iterator[int]:
         )
         try:
             assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-            line = proc.stdout.readline() if ready else b""
-            try:
-                port = int(json.loads(line)["port"])
-            except (ValueError, KeyError, TypeError):
-                raise InstructionsError("the floor did not start under valgrind") from None
+            port = floor.read_ready(proc.stdout, START_TIMEOUT_S)
+            if port is None:
+                raise InstructionsError("the floor did not start under valgrind")
             yield port
         finally:
             stop_process(proc, signal.SIGTERM, timeout_s=120)
@@ -186,9 +179,8 @@ def _running(setup: Setup, target: str, out: Path) -> Iterator[int]:
         config["admin"]["metrics"] = False
     config_path = sidecar.prepare(exe, target_dir, config)
     wrapper = target_dir / "authproxy-under-callgrind"
-    wrapper.write_text(
-        f'#!/bin/sh\nexport PYTHONHASHSEED=0\nexec {" ".join(_callgrind(setup, out))} {exe} "$@"\n'
-    )
+    command = shlex.join([*_callgrind(setup, out), str(exe)])
+    wrapper.write_text(f'#!/bin/sh\nexport PYTHONHASHSEED=0\nexec {command} "$@"\n')
     wrapper.chmod(0o700)
     try:
         running = sidecar.start(wrapper, config_path, target_dir, None, START_TIMEOUT_S)
